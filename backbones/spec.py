@@ -1,0 +1,49 @@
+"""Naming a backbone without importing torch: the CLI and the pool compare these cheaply."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+CONFIG_DIR = Path(__file__).parent / "model_configs"
+# Built-in backbones are defined by a config in model_configs/ and a fixed seed: no download.
+BUILTIN_MODELS = tuple(sorted(p.stem for p in CONFIG_DIR.glob("*.json")))
+BUILTIN_SEED = 0
+DEFAULT_MODEL = "ViT-B-16"
+DEFAULT_PRETRAINED = "openai"
+
+
+@dataclass(frozen=True)
+class BackboneSpec:
+    """`model` is an open_clip name or a built-in one; `pretrained` an open_clip tag, a checkpoint
+    path, or "none" for random weights. Built-in models have no pretrained tag."""
+
+    model: str = DEFAULT_MODEL
+    pretrained: str | None = DEFAULT_PRETRAINED
+
+    @classmethod
+    def from_options(cls, model: str | None, pretrained: str | None) -> "BackboneSpec":
+        model = model or DEFAULT_MODEL
+        if model in BUILTIN_MODELS:
+            return cls(model, None)
+        if pretrained is None:
+            pretrained = DEFAULT_PRETRAINED
+        if pretrained not in ("none", "") and Path(pretrained).expanduser().exists():
+            pretrained = str(Path(pretrained).expanduser().resolve())
+        return cls(model, pretrained or "none")
+
+    @property
+    def is_builtin(self) -> bool:
+        return self.model in BUILTIN_MODELS
+
+    @property
+    def id(self) -> str:
+        """Stable identity recorded in pools and caches; two specs with equal ids give equal features."""
+        if self.is_builtin:
+            return f"{self.model}@seed{BUILTIN_SEED}"
+        return f"{self.model}@{self.pretrained}"
+
+    def cli_options(self) -> str:
+        if self.is_builtin:
+            return f"--clip-model {self.model}"
+        return f"--clip-model {self.model} --clip-pretrained {self.pretrained}"

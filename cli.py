@@ -1,0 +1,299 @@
+"""The `uniil` command line. Heavy libraries (torch, open_clip, faiss, llama.cpp) are imported inside
+the commands that need them, so `uniil --help` and no-op reruns stay fast."""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+from pathlib import Path
+from typing import Annotated, Optional
+
+import click
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from .errors import UserError
+
+app = typer.Typer(no_args_is_help=True, add_completion=False, rich_markup_mode=None,
+                  help="Continual learning of CLIP guided by LLM-generated attributes.")
+attrs_app = typer.Typer(no_args_is_help=True, help="Build and inspect attribute pools.")
+app.add_typer(attrs_app, name="attrs")
+
+out = Console()
+err = Console(stderr=True)
+
+PoolOpt = Annotated[Path, typer.Option("--pool", help="Attribute pool file (DuckDB).")]
+ClipModelOpt = Annotated[Optional[str], typer.Option(
+    "--clip-model", help="open_clip model name (default ViT-B-16) or a built-in offline one: uniil-tiny.")]
+ClipPretrainedOpt = Annotated[Optional[str], typer.Option(
+    "--clip-pretrained", help="open_clip pretrained tag (default openai), a checkpoint path, or 'none'.")]
+JsonOpt = Annotated[bool, typer.Option("--json", help="Print JSON instead of a table.")]
+
+
+@app.callback()
+def _global(verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Log details to stderr.")] = False):
+    from rich.logging import RichHandler
+
+    logging.basicConfig(level=logging.INFO if verbose else logging.WARNING, format="%(message)s",
+                        handlers=[RichHandler(console=err, show_path=False)])
+    for noisy in ("httpx", "httpx2", "openai", "sentence_transformers", "faiss"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+
+
+class RichProgress:
+    """The library's Progress protocol drawn as rich progress bars on stderr."""
+
+    def __init__(self):
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+        self._bars = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+                              TimeElapsedColumn(), console=err, transient=False)
+        self._tasks: dict[str, int] = {}
+
+    def __enter__(self):
+        self._bars.start()
+        return self
+
+    def __exit__(self, *exc):
+        self._bars.stop()
+
+    def start(self, task, description, total):
+        self._tasks[task] = self._bars.add_task(description, total=total)
+
+    def advance(self, task, n=1):
+        if task in self._tasks:
+            self._bars.advance(self._tasks[task], n)
+
+    def stop(self, task):
+        if task in self._tasks:
+            t = self._tasks.pop(task)
+            total = self._bars.tasks[t].total if t < len(self._bars.tasks) else None
+            if total is not None:
+                self._bars.update(t, completed=total)
+
+
+def _split(value: Optional[str]) -> Optional[list[str]]:
+    return None if value is None else [v.strip() for v in value.split(",") if v.strip()]
+
+
+def _print_report(report) -> None:
+    t = Table(title=f"pool {report.pool}", show_header=False)
+    rows = [("prompts planned", report.planned), ("answers reused from the pool", report.reused),
+            ("answered now", report.answered), ("failed (no usable answer)", report.failed),
+            ("HTTP requests made", report.http_requests)]
+    s = report.stats
+    if s:
+        rows += [("classes / domains", f"{s['classes']} / {s['domains']}"),
+                 ("canonical attributes (class / domain)",
+                  f"{s['attributes']} ({s['class_attributes']} / {s['domain_attributes']})"),
+                 ("raw attributes", s["raw_attributes"]), ("backbone", f"{s['backbone']} (dim {s['dim']})"),
+                 ("index", s["index"]), ("derived", "rebuilt" if report.rebuilt else "up to date")]
+    for k, v in rows:
+        t.add_row(k, str(v))
+    out.print(t)
+    if report.failed_sources:
+        out.print("[yellow]prompts without a usable answer, by source:[/] " +
+                  ", ".join(f"{k} ({v})" for k, v in sorted(report.failed_sources.items())))
+
+
+@attrs_app.command("build")
+def attrs_build(
+    pool: PoolOpt,
+    dataset: Annotated[Optional[str], typer.Option(help="Registry name (see the error for the list) or an ImageFolder root.")] = None,
+    classes: Annotated[Optional[Path], typer.Option(help="File with one class name per line.")] = None,
+    domains: Annotated[Optional[str], typer.Option(help="Comma-separated domains (styles), replacing the dataset's.")] = None,
+    llm: Annotated[Optional[str], typer.Option(help="local, local:PATH.gguf or openai:MODEL (default local).")] = None,
+    llm_url: Annotated[Optional[str], typer.Option(help="Base URL of an OpenAI-compatible server, e.g. http://localhost:8000/v1.")] = None,
+    llm_model: Annotated[Optional[str], typer.Option(help="Model name on --llm-url.")] = None,
+    api_key_env: Annotated[Optional[str], typer.Option(help="Environment variable holding the API key.")] = None,
+    structured: Annotated[str, typer.Option(help="auto, json_schema, json_object or none.")] = "auto",
+    form: Annotated[Optional[str], typer.Option(help="chat or completion (default: completion for local, chat otherwise).")] = None,
+    templates: Annotated[Optional[str], typer.Option(help="Comma-separated prompt templates (default: all).")] = None,
+    per_class: Annotated[int, typer.Option(help="Attributes asked for per prompt.")] = 8,
+    concurrency: Annotated[int, typer.Option(help="Requests in flight at once.")] = 4,
+    max_requests: Annotated[Optional[int], typer.Option(help="Budget of HTTP requests for this run (retries count).")] = None,
+    retries: Annotated[int, typer.Option(help="Tries per prompt before it counts as failed.")] = 4,
+    timeout: Annotated[float, typer.Option(help="Seconds before one request times out.")] = 120.0,
+    dedupe_threshold: Annotated[float, typer.Option(help="Cosine above which phrases merge.")] = 0.9,
+    batch_file: Annotated[Optional[Path], typer.Option(help="Write pending requests as Batch API JSONL instead of asking.")] = None,
+    clip_model: ClipModelOpt = None,
+    clip_pretrained: ClipPretrainedOpt = None,
+    device: Annotated[str, typer.Option(help="Device for the CLIP text tower.")] = "cpu",
+):
+    """Ask an LLM for visual attributes of every class and domain, dedupe, embed and index them."""
+    from .attrpool.build import BuildConfig, build_pool
+    from .attrpool.collect import RetryPolicy
+    from .attrpool.llm import LLMSpec
+    from .backbones.spec import BackboneSpec
+    from .data.registry import resolve_names
+
+    if retries < 1:
+        raise UserError("--retries must be at least 1")
+    cfg = BuildConfig(
+        pool=pool, names=resolve_names(dataset, classes, _split(domains)),
+        llm=LLMSpec.from_options(llm, llm_url, llm_model, api_key_env, structured),
+        backbone=BackboneSpec.from_options(clip_model, clip_pretrained), templates=_split(templates),
+        per_class=per_class, concurrency=concurrency, max_requests=max_requests,
+        dedupe_threshold=dedupe_threshold, form=form, batch_file=batch_file,
+        retry=RetryPolicy(attempts=retries), timeout_s=timeout, device=device)
+    with RichProgress() as progress:
+        report = build_pool(cfg, progress)
+    if report.batch_written is not None:
+        out.print(f"wrote {report.batch_written} request(s) to {batch_file}; run them (OpenAI Batch API or "
+                  f"`vllm run-batch -i {batch_file} -o results.jsonl --model MODEL`), then "
+                  f"`uniil attrs ingest --pool {pool} results.jsonl`")
+        return
+    _print_report(report)
+
+
+@attrs_app.command("ingest")
+def attrs_ingest(
+    results: Annotated[Path, typer.Argument(help="Batch API results JSONL.")],
+    pool: PoolOpt,
+    device: Annotated[str, typer.Option(help="Device for the CLIP text tower.")] = "cpu",
+):
+    """Load Batch API results written for `attrs build --batch-file`, then finish the pool."""
+    from .attrpool.build import ingest_batch_results
+
+    with RichProgress() as progress:
+        report = ingest_batch_results(pool, results, device=device, progress=progress)
+    _print_report(report)
+
+
+@attrs_app.command("stats")
+def attrs_stats(pool: PoolOpt, as_json: JsonOpt = False):
+    """Counts of a pool: classes, domains, attributes, LLM calls, backbone."""
+    from .attrpool.store import PoolStore
+
+    store = PoolStore.open_for_read(pool)
+    try:
+        stats = store.stats()
+    finally:
+        store.close()
+    if as_json:
+        print(json.dumps(stats, indent=2))
+        return
+    t = Table(title=f"pool {pool}", show_header=False)
+    for k, v in stats.items():
+        t.add_row(k, ", ".join(map(str, v)) if isinstance(v, list) else str(v))
+    out.print(t)
+
+
+def _attributes(pool: Path, kind: Optional[str], name: Optional[str]) -> dict[str, list[str]]:
+    from .attrpool.store import PoolStore
+
+    store = PoolStore.open_for_read(pool)
+    try:
+        if name is not None and name not in store.source_names(kind):
+            raise UserError(f"{kind} '{name}' is not in pool {pool}; `uniil attrs list --pool {pool}` shows its sources")
+        return store.attributes_by_source(kind, name)
+    finally:
+        store.close()
+
+
+@attrs_app.command("list")
+def attrs_list(
+    pool: PoolOpt,
+    class_: Annotated[Optional[str], typer.Option("--class", help="Only this class.")] = None,
+    domain: Annotated[Optional[str], typer.Option(help="Only this domain.")] = None,
+    as_json: JsonOpt = False,
+):
+    """The canonical attributes of each class and domain."""
+    if class_ and domain:
+        raise UserError("give --class or --domain, not both")
+    kind = "class" if class_ else "domain" if domain else None
+    found = _attributes(pool, kind, class_ or domain)
+    if as_json:
+        print(json.dumps(found, indent=2, ensure_ascii=False))
+        return
+    t = Table("source", "attributes")
+    for src, attrs in found.items():
+        t.add_row(src, "; ".join(attrs))
+    out.print(t)
+
+
+@attrs_app.command("export")
+def attrs_export(
+    pool: PoolOpt,
+    fmt: Annotated[str, typer.Option("--format", help="json ({class: [attributes]}) or csv (kind,source,attribute).")] = "json",
+    kind: Annotated[str, typer.Option(help="class, domain or all.")] = "class",
+    output: Annotated[Optional[Path], typer.Option("-o", "--output", help="File to write (default stdout).")] = None,
+):
+    """Export attributes for classify-by-description tools (json) or spreadsheets (csv)."""
+    import csv
+    import io
+
+    if fmt not in ("json", "csv"):
+        raise UserError(f"unknown --format '{fmt}'; use json or csv")
+    if kind not in ("class", "domain", "all"):
+        raise UserError(f"unknown --kind '{kind}'; use class, domain or all")
+    kinds = ("class", "domain") if kind == "all" else (kind,)
+    by_kind = {k: _attributes(pool, k, None) for k in kinds}
+    if fmt == "json":
+        merged = {src: attrs for k in kinds for src, attrs in by_kind[k].items()}
+        text = json.dumps(merged, indent=2, ensure_ascii=False) + "\n"
+    else:
+        buf = io.StringIO()
+        w = csv.writer(buf, lineterminator="\n")
+        w.writerow(["kind", "source", "attribute"])
+        for k in kinds:
+            for src, attrs in by_kind[k].items():
+                w.writerows([k, src, a] for a in attrs)
+        text = buf.getvalue()
+    if output is None:
+        sys.stdout.write(text)
+    else:
+        tmp = output.with_name(output.name + ".tmp")
+        tmp.write_text(text, encoding="utf-8")
+        tmp.replace(output)
+        err.print(f"wrote {output}")
+
+
+@app.command("demo")
+def demo(
+    workdir: Annotated[Path, typer.Option(help="Where the demo writes its pool.")] = Path("demo-out"),
+    llm: Annotated[str, typer.Option(help="LLM for the pool (default: the embedded offline model).")] = "local",
+):
+    """The main job on embedded defaults: an attribute pool for the synthetic dataset, offline."""
+    from .attrpool.build import BuildConfig, build_pool
+    from .attrpool.llm import LLMSpec
+    from .backbones.spec import BackboneSpec
+    from .data.registry import resolve_names
+
+    pool = workdir / "synthetic.duckdb"
+    out.rule("uniil demo: attribute pool for the synthetic dataset (embedded LLM, uniil-tiny)")
+    cfg = BuildConfig(pool=pool, names=resolve_names("synthetic"), llm=LLMSpec.from_options(llm, None, None, None),
+                      backbone=BackboneSpec.from_options("uniil-tiny", None), concurrency=1)
+    with RichProgress() as progress:
+        report = build_pool(cfg, progress)
+    _print_report(report)
+    found = _attributes(pool, None, None)
+    t = Table("source", "attributes", title="a few classes and domains")
+    for src in ["star", "lightning bolt", "heart", "sketch", "inverted"]:
+        t.add_row(src, "; ".join(found.get(src, [])))
+    out.print(t)
+    out.print(f"inspect it: uniil attrs list --pool {pool}   |   uniil attrs export --pool {pool} --format json")
+
+
+def main(argv: list[str] | None = None) -> None:
+    command = typer.main.get_command(app)
+    try:
+        rv = command.main(args=argv, prog_name="uniil", standalone_mode=False)
+    except UserError as exc:
+        err.print(f"[bold red]error:[/] {exc}", markup=True, highlight=False, soft_wrap=True)
+        sys.exit(1)
+    except click.exceptions.Exit as exc:
+        sys.exit(exc.exit_code)
+    except click.ClickException as exc:
+        exc.show()
+        sys.exit(exc.exit_code)
+    except (click.exceptions.Abort, KeyboardInterrupt):
+        err.print("interrupted; finished work (LLM answers included) is kept: rerun to continue")
+        sys.exit(130)
+    sys.exit(rv if isinstance(rv, int) else 0)
+
+
+if __name__ == "__main__":
+    main()
