@@ -9,7 +9,6 @@ import sys
 from pathlib import Path
 from typing import Annotated, Optional
 
-import click
 import typer
 from rich.console import Console
 from rich.table import Table
@@ -56,7 +55,10 @@ class RichProgress:
         self._bars.start()
         return self
 
-    def __exit__(self, *exc):
+    def __exit__(self, exc_type, *rest):
+        if exc_type is not None:  # the error line is the whole story: drop half-finished bars
+            for task_id in list(self._bars.task_ids):
+                self._bars.remove_task(task_id)
         self._bars.stop()
 
     def start(self, task, description, total):
@@ -68,10 +70,7 @@ class RichProgress:
 
     def stop(self, task):
         if task in self._tasks:
-            t = self._tasks.pop(task)
-            total = self._bars.tasks[t].total if t < len(self._bars.tasks) else None
-            if total is not None:
-                self._bars.update(t, completed=total)
+            self._bars.stop_task(self._tasks.pop(task))
 
 
 def _split(value: Optional[str]) -> Optional[list[str]]:
@@ -115,6 +114,7 @@ def attrs_build(
     concurrency: Annotated[int, typer.Option(help="Requests in flight at once.")] = 4,
     max_requests: Annotated[Optional[int], typer.Option(help="Budget of HTTP requests for this run (retries count).")] = None,
     retries: Annotated[int, typer.Option(help="Tries per prompt before it counts as failed.")] = 4,
+    backoff: Annotated[float, typer.Option(help="Seconds before the first retry; doubles each retry (Retry-After wins if longer).")] = 0.5,
     timeout: Annotated[float, typer.Option(help="Seconds before one request times out.")] = 120.0,
     dedupe_threshold: Annotated[float, typer.Option(help="Cosine above which phrases merge.")] = 0.9,
     batch_file: Annotated[Optional[Path], typer.Option(help="Write pending requests as Batch API JSONL instead of asking.")] = None,
@@ -137,7 +137,7 @@ def attrs_build(
         backbone=BackboneSpec.from_options(clip_model, clip_pretrained), templates=_split(templates),
         per_class=per_class, concurrency=concurrency, max_requests=max_requests,
         dedupe_threshold=dedupe_threshold, form=form, batch_file=batch_file,
-        retry=RetryPolicy(attempts=retries), timeout_s=timeout, device=device)
+        retry=RetryPolicy(attempts=retries, base_s=backoff), timeout_s=timeout, device=device)
     with RichProgress() as progress:
         report = build_pool(cfg, progress)
     if report.batch_written is not None:
@@ -284,14 +284,17 @@ def main(argv: list[str] | None = None) -> None:
     except UserError as exc:
         err.print(f"[bold red]error:[/] {exc}", markup=True, highlight=False, soft_wrap=True)
         sys.exit(1)
-    except click.exceptions.Exit as exc:
-        sys.exit(exc.exit_code)
-    except click.ClickException as exc:
-        exc.show()
-        sys.exit(exc.exit_code)
-    except (click.exceptions.Abort, KeyboardInterrupt):
+    except typer.Exit as exc:  # typer vendors its own click: catch its public exception types
+        sys.exit(getattr(exc, "exit_code", 0))
+    except (typer.Abort, KeyboardInterrupt):
         err.print("interrupted; finished work (LLM answers included) is kept: rerun to continue")
         sys.exit(130)
+    except typer.TyperException as exc:  # usage errors: unknown option, missing value, ...
+        if hasattr(exc, "show"):
+            exc.show()
+        else:
+            err.print(f"error: {exc.format_message()}", markup=False)
+        sys.exit(exc.exit_code)
     sys.exit(rv if isinstance(rv, int) else 0)
 
 

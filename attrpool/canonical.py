@@ -38,10 +38,10 @@ def derive_fingerprint(call_ids: list[int], threshold: float, backbone_id: str) 
                         "normalizer": NORMALIZER_VERSION, "embedder": EMBEDDER_ID})
 
 
-def _phrase_vectors(store: PoolStore, texts: list[str], progress: Progress, embedder_factory) -> np.ndarray:
+def _phrase_vectors(store: PoolStore, kind: str, texts: list[str], progress: Progress, embedder_factory) -> np.ndarray:
     cached = store.cached_phrase_vectors(EMBEDDER_ID, texts)
     missing = [t for t in texts if t not in cached]
-    progress.start("dedupe", "embedding phrases (MiniLM)", len(texts))
+    progress.start("dedupe", f"embedding {kind} phrases (MiniLM)", len(texts))
     progress.advance("dedupe", len(texts) - len(missing))
     if missing:
         embedder = embedder_factory()
@@ -75,8 +75,7 @@ def derive_attributes(store: PoolStore, backbone: BackboneSpec, threshold: float
         raise UserError("no usable attribute in any answer; try a larger model (--llm-url/--llm openai:MODEL)")
 
     if embedder_factory is None:
-        from .dedupe import PhraseEmbedder
-        embedder_factory = PhraseEmbedder
+        from .dedupe import shared_embedder as embedder_factory
 
     canonical: list[tuple[str, str]] = []  # (kind, text), index = attribute id
     canonical_of: dict[tuple[str, str], int] = {}  # (kind, normalized) -> attribute id
@@ -85,7 +84,7 @@ def derive_attributes(store: PoolStore, backbone: BackboneSpec, threshold: float
         if not counts:
             continue
         texts = sorted(counts, key=lambda t: (-counts[t], len(t), t))  # priority order
-        vectors = _phrase_vectors(store, texts, progress, embedder_factory)
+        vectors = _phrase_vectors(store, kind, texts, progress, embedder_factory)
         leader = merge_near_duplicates(vectors, np.arange(len(texts)), threshold)
         for i, t in enumerate(texts):
             lead = texts[leader[i]]

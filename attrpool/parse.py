@@ -13,6 +13,8 @@ import re
 _BULLET = re.compile(r"^\s*(?:[-*\u2022\u2023\u25e6]|\(?\d{1,3}[.):]|[a-z][.)])\s+", re.IGNORECASE)
 _FENCE = re.compile(r"```(?:json)?\s*(.*?)```", re.DOTALL)
 _OBJECT_KEYS = ("attribute", "name", "text", "phrase", "feature", "cue")
+# Complete JSON strings, scanned left to right; group 2 marks keys (followed by a colon).
+_JSON_STRING = re.compile(r'"((?:[^"\\]|\\.)*)"(\s*:)?')
 
 
 def _strings_from_json(value) -> list[str] | None:
@@ -52,6 +54,10 @@ def parse_attributes(text: str) -> list[str]:
             continue
         if found is not None:
             return [s.strip() for s in found if s and s.strip()]
+    if text[0] in "{[":
+        # JSON cut off by max_tokens: keep the strings that were completed, drop the torn one.
+        values = [m.group(1) for m in _JSON_STRING.finditer(text) if not m.group(2)]
+        return [json.loads(f'"{v}"').strip() for v in values if v.strip()]
     lines = [ln for ln in (l.strip() for l in text.splitlines()) if ln]
     bulleted = [_BULLET.sub("", ln) for ln in lines if _BULLET.match(ln)]
     if len(bulleted) >= 2:

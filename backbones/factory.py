@@ -55,8 +55,9 @@ def load_backbone(spec: BackboneSpec, device: str = "cpu") -> Backbone:
                         f"`python -c 'import open_clip; print(open_clip.list_models())'` lists them: {some}, ...) "
                         "or a built-in offline one: uniil-tiny")
     pretrained = None if spec.is_builtin or spec.pretrained == "none" else spec.pretrained
-    if pretrained is None:
-        logging.disable(logging.WARNING)  # open_clip warns "initialized randomly": here that is the intent
+    # open_clip logs "initialized randomly" (here the intent) and download errors (we report them as
+    # one line below) on the root logger.
+    logging.disable(logging.WARNING if pretrained is None else logging.ERROR)
     try:
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(BUILTIN_SEED)
@@ -65,7 +66,8 @@ def load_backbone(spec: BackboneSpec, device: str = "cpu") -> Backbone:
     except Exception as exc:  # open_clip raises many kinds: network, hub, unknown tag
         if pretrained is None:
             raise
-        reason = str(exc).splitlines()[0][:160] if str(exc) else type(exc).__name__
+        text = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        reason = "download failed" if "download" in text.lower() else text[:100].rstrip() + ("..." if len(text) > 100 else "")
         raise UserError(f"cannot load weights '{pretrained}' for {spec.model} ({reason}); pretrained tags are "
                         "downloaded once and need network access. Offline: pass --clip-pretrained "
                         "/path/to/checkpoint.pt, or --clip-pretrained none (random weights), "

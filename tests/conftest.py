@@ -1,0 +1,65 @@
+"""Shared fixtures: the loopback LLM server, an in-process CLI runner, and a subprocess one for
+checks that need a real process (exit codes, one-line errors, kill -9)."""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import os
+import subprocess
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).parent))
+
+from llm_server import FakeLLMServer  # noqa: E402
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("COLUMNS", "200")  # rich tables unwrapped, so tests can read them
+
+
+@dataclass
+class CliResult:
+    code: int
+    out: str
+    err: str
+
+
+def run_cli(*args: str) -> CliResult:
+    """`uniil ARGS` in this process (fast: imports are shared between calls)."""
+    from uniil.cli import main
+
+    out, err = io.StringIO(), io.StringIO()
+    code = 0
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        try:
+            main([str(a) for a in args])
+        except SystemExit as exc:
+            code = exc.code if isinstance(exc.code, int) else 1
+    return CliResult(code, out.getvalue(), err.getvalue())
+
+
+def run_uniil_process(*args: str, env: dict | None = None, timeout: float = 300) -> subprocess.CompletedProcess:
+    """`uniil ARGS` as a real process."""
+    return subprocess.run([sys.executable, "-m", "uniil.cli", *map(str, args)], capture_output=True, text=True,
+                          timeout=timeout, env={**os.environ, "COLUMNS": "200", **(env or {})})
+
+
+@pytest.fixture
+def llm_server():
+    with FakeLLMServer() as server:
+        yield server
+
+
+@pytest.fixture
+def cli():
+    return run_cli
+
+
+def server_args(server: FakeLLMServer, *extra: str) -> list[str]:
+    """Build options for a small, fast build against the loopback server."""
+    return ["--llm-url", server.base_url, "--llm-model", "test-model", "--clip-model", "uniil-tiny",
+            "--backoff", "0.01", *extra]

@@ -1,0 +1,51 @@
+"""A build killed mid-way (kill -9) loses no recorded answer and asks none of them again."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+
+import duckdb
+
+from llm_server import FakeLLMServer
+
+
+def test_killed_build_resumes_without_asking_again(tmp_path):
+    pool = tmp_path / "p.duckdb"
+    args = [sys.executable, "-m", "uniil.cli", "attrs", "build", "--pool", str(pool), "--dataset", "synthetic",
+            "--domains", "", "--templates", "class-appearance", "--concurrency", "2", "--clip-model", "uniil-tiny",
+            "--llm-model", "m", "--backoff", "0.01"]
+    with FakeLLMServer(latency_s=0.2) as server:
+        proc = subprocess.Popen(args + ["--llm-url", server.base_url], stdout=subprocess.DEVNULL,
+                                stderr=subprocess.DEVNULL, env={**os.environ})
+        deadline = time.time() + 120
+        while sum(r.status == 200 for r in server.log) < 8 and time.time() < deadline:
+            time.sleep(0.05)
+        proc.kill()
+        proc.wait()
+        assert proc.returncode != 0 and not pool.exists()
+        work = pool.with_name(pool.name + ".partial")
+        con = duckdb.connect(str(work))
+        done = con.execute("SELECT r.payload FROM requests r WHERE status = 'answered'").fetchall()
+        con.close()
+        assert 6 <= len(done) < 24
+        answered_prompts = {p for (p,) in done}
+
+        server.log.clear()
+        finished = subprocess.run(args + ["--llm-url", server.base_url], capture_output=True, text=True)
+        assert finished.returncode == 0, finished.stderr
+        import json
+        asked_again = {json.dumps({"messages": r.body["messages"]}, sort_keys=True, ensure_ascii=False)
+                       for r in server.log}
+        assert not answered_prompts & asked_again
+        assert len(server.log) <= 24 - len(done)
+
+    con = duckdb.connect(str(pool), read_only=True)
+    assert con.execute("SELECT count(*), count(DISTINCT key) FROM requests").fetchone() == (24, 24)
+    assert con.execute("SELECT count(*) FROM requests WHERE status = 'answered'").fetchone()[0] == 24
+    ok = con.execute("SELECT count(*), count(DISTINCT request_key) FROM llm_calls WHERE status = 'ok'").fetchone()
+    assert ok == (24, 24)  # one recorded answer per prompt: nothing duplicated
+    assert con.execute("SELECT count(*) FROM (SELECT attribute_id, source_name, template, raw_phrase, call_id, "
+                       "count(*) c FROM provenance GROUP BY ALL HAVING c > 1)").fetchone()[0] == 0

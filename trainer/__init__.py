@@ -1,0 +1,1 @@
+"""Continual-learning engine: scenarios, methods, metrics (arrives with the trainer issue)."""
