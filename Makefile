@@ -25,7 +25,8 @@ test: venv
 	$(BIN)/python -m pytest -q
 
 bench: venv
-	$(BIN)/python benchmarks/run_all.py
+	$(BIN)/python benchmarks/bench_attrs_build.py
+	$(BIN)/python benchmarks/bench_dedupe.py
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache

@@ -11,8 +11,6 @@ import logging
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import duckdb
-
 from ..backbones.spec import BackboneSpec
 from ..data.registry import NameSet
 from ..errors import UserError
@@ -68,23 +66,14 @@ def _existing_work_file(pool: Path) -> Path | None:
 
 def _pending(pool: Path, requests: list[AttributeRequest], backbone: BackboneSpec) -> list[AttributeRequest]:
     """What this build still has to ask, read without writing (and the backbone check, early)."""
-    path = _existing_work_file(pool)
-    if path is None:
+    if _existing_work_file(pool) is None:
         return requests
+    store = PoolStore.open_for_read(pool, allow_partial=True)
     try:
-        con = duckdb.connect(str(path), read_only=True)
-    except duckdb.Error as exc:
-        raise UserError(f"cannot open pool {path}: {str(exc).splitlines()[0]}") from None
-    try:
-        store = PoolStore(con, path, True)
-        store._check_schema()
-        recorded = store.meta("backbone")
-        if recorded is not None and recorded != backbone.id:
-            raise UserError(f"pool {pool.name} was built with backbone {recorded}, not {backbone.id}; "
-                            "use that backbone or another --pool")
+        store.check_backbone(backbone.id, backbone.cli_options())
         done = store.answered_keys([r.key for r in requests])
     finally:
-        con.close()
+        store.close()
     return [r for r in requests if r.key not in done]
 
 

@@ -10,8 +10,10 @@ marked failed and reported by source.
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import random
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 from ..data.registry import NameSet
@@ -46,7 +48,6 @@ class AttributeRequest:
 
     @classmethod
     def from_row(cls, row: tuple) -> "AttributeRequest":
-        import json
         key, kind, name, template, form, model, n, payload = row
         return cls(key, kind, name, template, form, model, n, json.loads(payload))
 
@@ -102,6 +103,12 @@ class Collector:
         self.max_tokens = max_tokens
         self.progress = progress or NullProgress()
         self.result = CollectResult()
+        # Each recorded answer commits (~5 ms): done on one writer thread, the event loop keeps other
+        # requests moving meanwhile. One thread, because a DuckDB connection is not shared across threads.
+        self._writer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="pool-writer")
+
+    async def _write(self, fn, *args):
+        return await asyncio.get_running_loop().run_in_executor(self._writer, fn, *args)
 
     def _budget_left(self) -> bool:
         return self.max_requests is None or self.result.http_requests < self.max_requests
@@ -120,6 +127,7 @@ class Collector:
             await asyncio.gather(*workers, return_exceptions=True)
             raise
         finally:
+            self._writer.shutdown(wait=True)
             self.progress.stop("requests")
         return self.result
 
@@ -153,13 +161,13 @@ class Collector:
                     schema=answer_schema(req.n), max_tokens=self.max_tokens,
                     temperature=0.0 if attempt == 0 else 0.8, seed=attempt)
             except TransientLLMError as exc:
-                self.store.record_call(self._record(req, attempt, "error", error=str(exc)[:500]))
+                await self._write(self.store.record_call, self._record(req, attempt, "error", error=str(exc)[:500]))
                 connection_only &= exc.connection
                 if attempt + 1 < self.retry.attempts:
                     await asyncio.sleep(self.retry.delay(attempt, exc.retry_after))
                 continue
             except RejectedLLMError as exc:
-                self.store.record_call(self._record(req, attempt, "error", error=str(exc)[:500]))
+                await self._write(self.store.record_call, self._record(req, attempt, "error", error=str(exc)[:500]))
                 connection_only = False
                 break
             connection_only = False
@@ -167,13 +175,13 @@ class Collector:
                                latency_s=c.latency_s, prompt_tokens=c.prompt_tokens,
                                completion_tokens=c.completion_tokens)
             if usable_phrases(c.text, req.source_name):
-                self.store.answer_and_record(rec)
+                await self._write(self.store.answer_and_record, rec)
                 return "answered"
             rec.status = "unusable"
-            self.store.record_call(rec)
+            await self._write(self.store.record_call, rec)
             log.info("no usable attribute in the answer for %s (%s), attempt %d", req.source_name, req.template, attempt + 1)
         if connection_only:
             raise FatalLLMError(f"cannot reach the LLM server at {self.spec.base_url} after "
                                 f"{self.retry.attempts} tries; start it or check --llm-url")
-        self.store.set_request_status(req.key, "failed")
+        await self._write(self.store.set_request_status, req.key, "failed")
         return "failed"

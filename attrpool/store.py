@@ -72,19 +72,28 @@ class PoolStore:
 
     # -- opening -----------------------------------------------------------------------------
     @classmethod
-    def open_for_read(cls, pool: Path) -> "PoolStore":
+    def open_for_read(cls, pool: Path, allow_partial: bool = False) -> "PoolStore":
+        """A finished pool, read-only; with allow_partial, an unfinished build's work file too."""
         pool = Path(pool)
+        path = pool
         if not pool.exists():
             if partial_path(pool).exists():
-                raise UserError(f"pool {pool} is not finished (an interrupted build left {partial_path(pool).name}); "
-                                "rerun the same `uniil attrs build` command to finish it")
-            raise UserError(f"pool {pool} not found; build one with `uniil attrs build --dataset NAME --pool {pool}`")
+                if not allow_partial:
+                    raise UserError(f"pool {pool} is not finished (an interrupted build left "
+                                    f"{partial_path(pool).name}); rerun the same `uniil attrs build` command to finish it")
+                path = partial_path(pool)
+            else:
+                raise UserError(f"pool {pool} not found; build one with `uniil attrs build --dataset NAME --pool {pool}`")
         try:
-            con = duckdb.connect(str(pool), read_only=True)
+            con = duckdb.connect(str(path), read_only=True)
         except duckdb.Error as exc:
-            raise UserError(f"cannot open pool {pool}: {str(exc).splitlines()[0]}") from None
-        store = cls(con, pool, True)
-        store._check_schema()
+            raise UserError(f"cannot open pool {path}: {str(exc).splitlines()[0]}") from None
+        store = cls(con, path, True)
+        try:
+            store._check_schema()
+        except UserError:
+            con.close()
+            raise
         return store
 
     @classmethod
@@ -135,9 +144,11 @@ class PoolStore:
         self.con.execute("INSERT OR REPLACE INTO meta VALUES (?, ?)", [key, value])
 
     def check_backbone(self, backbone_id: str, cli_options: str) -> None:
+        """Refuse a backbone other than the pool's; a writable pool without one records this one."""
         recorded = self.meta("backbone")
         if recorded is None:
-            self.set_meta("backbone", backbone_id)
+            if not self.read_only:
+                self.set_meta("backbone", backbone_id)
         elif recorded != backbone_id:
             raise UserError(f"pool {self.path.name} was built with backbone {recorded}, not {backbone_id}; "
                             f"use that backbone or another --pool (asked for: {cli_options})")

@@ -6,6 +6,7 @@ from __future__ import annotations
 import contextlib
 import io
 import os
+import socket
 import subprocess
 import sys
 from dataclasses import dataclass
@@ -46,6 +47,15 @@ def run_uniil_process(*args: str, env: dict | None = None, timeout: float = 300)
     """`uniil ARGS` as a real process."""
     return subprocess.run([sys.executable, "-m", "uniil.cli", *map(str, args)], capture_output=True, text=True,
                           timeout=timeout, env={**os.environ, "COLUMNS": "200", **(env or {})})
+
+
+def free_port() -> int:
+    """A loopback port nothing listens on (just released by the OS)."""
+    s = socket.socket()
+    s.bind(("127.0.0.1", 0))
+    port = s.getsockname()[1]
+    s.close()
+    return port
 
 
 @pytest.fixture

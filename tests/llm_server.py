@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import json
 import re
+import socket
 import threading
 import time
 from dataclasses import dataclass, field
@@ -104,6 +105,15 @@ class FakeLLMServer:
             def log_message(self, *args):
                 pass
 
+            def setup(self):
+                super().setup()
+                # Headers and body leave in separate writes: without TCP_NODELAY, Nagle's algorithm
+                # and the peer's delayed ACK add ~40 ms to every response, as no real server does.
+                self.connection.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+
+            def do_GET(self):  # /stats: the request count, for callers in another process
+                server._send(self, 200, {"requests": len(server.log)})
+
             def do_POST(self):
                 length = int(self.headers.get("Content-Length", 0))
                 body = json.loads(self.rfile.read(length) or b"{}")
@@ -189,3 +199,21 @@ class FakeLLMServer:
             obj = "text_completion"
         self._send(h, 200, {"id": "cmpl-test", "object": obj, "created": int(time.time()),
                             "model": body.get("model", "test"), "choices": [choice], "usage": usage})
+
+
+def main() -> None:
+    """Serve from a process of its own (benchmarks: no GIL shared with the client under test)."""
+    import argparse
+
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--latency", type=float, default=0.0)
+    ap.add_argument("--port-file", required=True, help="where to write the port once listening")
+    args = ap.parse_args()
+    server = FakeLLMServer(latency_s=args.latency).start()
+    with open(args.port_file, "w") as fh:
+        fh.write(str(server._httpd.server_address[1]))
+    threading.Event().wait()
+
+
+if __name__ == "__main__":
+    main()

@@ -2,11 +2,9 @@
 
 from __future__ import annotations
 
-import socket
-
 import pytest
 
-from conftest import run_uniil_process, server_args
+from conftest import free_port, run_uniil_process, server_args
 
 
 def assert_one_line_error(proc, *needles: str) -> None:
@@ -16,14 +14,6 @@ def assert_one_line_error(proc, *needles: str) -> None:
     assert lines[0].startswith("error: ") and "Traceback" not in proc.stderr
     for needle in needles:
         assert needle in lines[0], lines[0]
-
-
-def closed_port() -> int:
-    s = socket.socket()
-    s.bind(("127.0.0.1", 0))
-    port = s.getsockname()[1]
-    s.close()
-    return port
 
 
 def test_unknown_dataset_lists_known_ones(tmp_path):
@@ -41,7 +31,7 @@ def test_missing_api_key_writes_nothing(tmp_path):
 
 def test_unreachable_server_after_retries_writes_nothing(tmp_path):
     proc = run_uniil_process("attrs", "build", "--dataset", "synthetic", "--pool", tmp_path / "p.duckdb",
-                             "--llm-url", f"http://127.0.0.1:{closed_port()}/v1", "--llm-model", "m",
+                             "--llm-url", f"http://127.0.0.1:{free_port()}/v1", "--llm-model", "m",
                              "--clip-model", "uniil-tiny", "--retries", "3", "--backoff", "0.05")
     assert_one_line_error(proc, "cannot reach the LLM server", "after 3 tries", "--llm-url")
     assert not list(tmp_path.iterdir())

@@ -4,7 +4,6 @@ OpenAI-compatible server on loopback, started and stopped here."""
 from __future__ import annotations
 
 import json
-import socket
 import subprocess
 import sys
 import time
@@ -13,7 +12,7 @@ import urllib.request
 import duckdb
 import pytest
 
-from conftest import run_uniil_process
+from conftest import free_port, run_uniil_process
 
 pytestmark = [pytest.mark.llm, pytest.mark.slow]
 llama_cpp = pytest.importorskip("llama_cpp", reason="the `local` extra (llama-cpp-python) is not installed")
@@ -40,14 +39,6 @@ def test_local_model_in_process_builds_a_pool(cli, tmp_path):
     assert backends == [("local", "completion")]
     zebra = json.loads(cli("attrs", "list", "--pool", pool, "--class", "zebra", "--json").out)["zebra"]
     assert zebra and all(a != "zebra" for a in zebra)
-
-
-def free_port() -> int:
-    s = socket.socket()
-    s.bind(("127.0.0.1", 0))
-    port = s.getsockname()[1]
-    s.close()
-    return port
 
 
 @pytest.fixture
