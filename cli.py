@@ -277,6 +277,11 @@ def demo(
     out.print(f"inspect it: uniil attrs list --pool {pool}   |   uniil attrs export --pool {pool} --format json")
 
 
+def _interrupted() -> None:
+    err.print("interrupted; finished work (LLM answers included) is kept: rerun to continue", markup=False)
+    sys.exit(130)
+
+
 def main(argv: list[str] | None = None) -> None:
     command = typer.main.get_command(app)
     try:
@@ -287,14 +292,15 @@ def main(argv: list[str] | None = None) -> None:
     except typer.Exit as exc:  # typer vendors its own click: catch its public exception types
         sys.exit(getattr(exc, "exit_code", 0))
     except (typer.Abort, KeyboardInterrupt):
-        err.print("interrupted; finished work (LLM answers included) is kept: rerun to continue")
-        sys.exit(130)
+        _interrupted()
     except typer.TyperException as exc:  # usage errors: unknown option, missing value, ...
         if hasattr(exc, "show"):
             exc.show()
         else:
             err.print(f"error: {exc.format_message()}", markup=False)
         sys.exit(exc.exit_code)
+    if rv == 130:  # typer turns Ctrl-C into an exit status of 130
+        _interrupted()
     sys.exit(rv if isinstance(rv, int) else 0)
 
 

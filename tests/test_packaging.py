@@ -1,0 +1,21 @@
+"""The installed package: one `uniil` namespace, with its data files (an editable install hides gaps)."""
+
+import subprocess
+import sys
+import zipfile
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_wheel_carries_code_and_data_under_one_namespace(tmp_path):
+    subprocess.run([sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "--no-build-isolation",
+                    "-w", str(tmp_path), str(ROOT)], check=True, capture_output=True)
+    (wheel,) = tmp_path.glob("uniil-*.whl")
+    names = set(zipfile.ZipFile(wheel).namelist())
+    top = {n.split("/")[0] for n in names if not n.startswith("uniil-")}
+    assert top == {"uniil"}  # no top-level `data`, `trainer` or `cli` to collide with other packages
+    data_files = [p.relative_to(ROOT).as_posix() for d in ("data", "prompts", "backbones/model_configs")
+                  for p in (ROOT / d).rglob("*") if p.suffix in (".txt", ".yaml", ".json")]
+    assert data_files and all(f"uniil/{f}" in names for f in data_files)
+    assert "uniil/cli.py" in names and not any(n.startswith("uniil/tests/") for n in names)
