@@ -134,6 +134,7 @@ def _collect(cfg, store, backend, pending, report, progress) -> None:
     remembered = store.server_mode(cfg.llm.base_url or "", cfg.llm.model)
     if remembered and cfg.llm.structured == "auto":
         backend.structured = remembered
+    starting_mode = backend.structured
     collector = Collector(backend, store, cfg.llm, concurrency=cfg.concurrency, max_requests=cfg.max_requests,
                           retry=cfg.retry, max_tokens=cfg.max_tokens, progress=progress)
 
@@ -148,7 +149,7 @@ def _collect(cfg, store, backend, pending, report, progress) -> None:
     except FatalLLMError as exc:
         raise UserError(str(exc)) from None
     finally:
-        if backend.structured != remembered:
+        if backend.structured != starting_mode:  # the server rejected a mode: remember what works
             store.remember_server_mode(cfg.llm.base_url or "", cfg.llm.model, backend.structured)
         report.http_requests = collector.result.http_requests
         report.answered = collector.result.answered
