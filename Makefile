@@ -4,8 +4,10 @@ VENV := .venv
 BIN := $(VENV)/bin
 # torch first and pinned: the local CPU build satisfies the project's range, so pip pulls no CUDA.
 TORCH := torch==2.13.0
+# The browser tests render pages in Debian's chromium; install it when missing (root, or via sudo).
+SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
-.PHONY: venv dev demo test bench clean
+.PHONY: venv dev demo test bench clean browser
 
 $(BIN)/python:
 	$(PY) -m venv $(VENV)
@@ -21,7 +23,12 @@ venv: $(VENV)/.installed
 demo: venv
 	$(BIN)/uniil demo
 
-test: venv
+browser:
+	@command -v chromium >/dev/null 2>&1 || command -v chromium-browser >/dev/null 2>&1 || \
+	  { echo "installing Debian's chromium for the browser tests"; \
+	    $(SUDO) apt-get update -qq && DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq chromium >/dev/null; }
+
+test: venv browser
 	$(BIN)/python -m pytest -q
 
 bench: venv

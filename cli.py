@@ -251,6 +251,63 @@ def attrs_export(
         err.print(f"wrote {output}")
 
 
+@attrs_app.command("match")
+def attrs_match(
+    images: Annotated[Optional[list[Path]], typer.Argument(help="Image files or folders of images.")] = None,
+    pool: PoolOpt = Path("pool.duckdb"),
+    top_k: Annotated[int, typer.Option(help="Attributes per image.")] = 5,
+    kind: Annotated[str, typer.Option(help="class, domain or all.")] = "all",
+    classes: Annotated[Optional[str], typer.Option(help="Comma-separated classes whose attributes may match.")] = None,
+    as_json: JsonOpt = False,
+    html_out: Annotated[Optional[Path], typer.Option("--html", help="Also write a self-contained HTML report.")] = None,
+    dataset: Annotated[Optional[str], typer.Option(help="Match a dataset split instead of files: synthetic, a registry name, or an ImageFolder root.")] = None,
+    split: Annotated[str, typer.Option(help="Dataset split.")] = "test",
+    domain: Annotated[Optional[str], typer.Option(help="Dataset domain.")] = None,
+    limit: Annotated[Optional[int], typer.Option(help="At most this many dataset images (spread over classes).")] = None,
+    data_root: Annotated[Optional[Path], typer.Option(help="Where registry datasets live (ImageFolder layout).")] = None,
+    clip_model: ClipModelOpt = None,
+    clip_pretrained: ClipPretrainedOpt = None,
+    device: Annotated[str, typer.Option(help="Device for the CLIP image tower.")] = "cpu",
+):
+    """Show which attributes of a pool each image calls up."""
+    from .attrpool.match import match_images
+    from .backbones.spec import BackboneSpec
+    from .data.images import dataset_images, image_files
+
+    if bool(images) == bool(dataset):
+        raise UserError("name images (files or folders) or --dataset NAME, one of the two")
+    if limit is not None and limit < 1:
+        raise UserError("--limit must be at least 1")
+    source = image_files(images) if images else dataset_images(dataset, split, domain, data_root, limit)
+    backbone = BackboneSpec.from_options(clip_model, clip_pretrained) if clip_model else None
+    with RichProgress() as progress:
+        report = match_images(pool, source, top_k=top_k, kind=kind, classes=_split(classes),
+                              backbone=backbone, device=device, progress=progress)
+    for key, reason in report.failures:
+        err.print(f"skipped {key}: {reason}", markup=False, highlight=False)
+    if as_json:
+        print(json.dumps([{"image": key, "matches": [{"attribute": m.attribute, "score": round(m.score, 6),
+                                                      "kind": m.kind, "sources": m.sources} for m in found]}
+                          for key, found in report.results], indent=2, ensure_ascii=False))
+    else:
+        for key, found in report.results:
+            t = Table("rank", "attribute", "score", "kind", "sources", title=key, title_justify="left")
+            for rank, m in enumerate(found, 1):
+                t.add_row(str(rank), m.attribute, f"{m.score:.3f}", m.kind, ", ".join(m.sources[:4]))
+            out.print(t)
+    if html_out is not None and report.results:
+        from .attrpool.match_html import write_match_html
+
+        index = {k: i for i, k in enumerate(source.keys)}
+        items = [(key, source.load(index[key]), found) for key, found in report.results]
+        write_match_html(html_out, str(pool), items, report.failures)
+        err.print(f"wrote {html_out}")
+    if report.failures:
+        err.print(f"{len(report.failures)} of {len(source)} image(s) could not be read", markup=False)
+    if not report.results:
+        raise UserError(f"none of the {len(source)} image(s) could be read")
+
+
 @app.command("demo")
 def demo(
     workdir: Annotated[Path, typer.Option(help="Where the demo writes its pool.")] = Path("demo-out"),

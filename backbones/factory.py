@@ -47,6 +47,17 @@ class Backbone:
         return np.concatenate(out) if out else np.zeros((0, self.dim), np.float32)
 
 
+    @torch.inference_mode()
+    def encode_images(self, images: list, batch_size: int = 64) -> np.ndarray:
+        """L2-normalised image embeddings of PIL images, float32, one row per image."""
+        out = []
+        for i in range(0, len(images), batch_size):
+            batch = torch.stack([self.preprocess(img) for img in images[i:i + batch_size]]).to(self.device)
+            feats = self.model.encode_image(batch).float()
+            out.append(torch.nn.functional.normalize(feats, dim=-1).cpu().numpy())
+        return np.concatenate(out) if out else np.zeros((0, self.dim), np.float32)
+
+
 def load_backbone(spec: BackboneSpec, device: str = "cpu") -> Backbone:
     _register_builtin_configs()
     if spec.model not in open_clip.list_models():

@@ -1,0 +1,110 @@
+"""Where images come from: files and folders named on the command line, or a dataset split.
+
+Every source gives, per index, a stable key (a path, or dataset/split/domain/index), a loader
+that raises on unreadable images (the caller reports and skips them), and a label when known.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from ..errors import UserError
+from .registry import IMAGE_SUFFIXES, known_datasets
+
+SYNTHETIC_TEST_PER_CLASS = 10
+
+
+@dataclass
+class ImageSource:
+    keys: list[str]
+    loader: object  # callable(i) -> PIL.Image (RGB)
+    labels: list[int] | None = None
+    classes: list[str] | None = None
+    dataset: str | None = None
+    split: str | None = None
+    domain: str | None = None
+
+    def __len__(self) -> int:
+        return len(self.keys)
+
+    def load(self, i: int):
+        return self.loader(i)
+
+
+def _open_rgb(path: Path):
+    from PIL import Image
+
+    with Image.open(path) as img:
+        return img.convert("RGB")
+
+
+def image_files(paths: list[Path]) -> ImageSource:
+    """Files as given, folders expanded recursively to their images (sorted)."""
+    files: list[Path] = []
+    for p in map(Path, paths):
+        if p.is_dir():
+            found = sorted(f for f in p.rglob("*") if f.suffix.lower() in IMAGE_SUFFIXES and f.is_file())
+            if not found:
+                raise UserError(f"folder {p} holds no images ({', '.join(sorted(IMAGE_SUFFIXES))})")
+            files.extend(found)
+        elif p.exists():
+            files.append(p)
+        else:
+            raise UserError(f"{p} not found; name image files or folders of images")
+    return ImageSource([str(f) for f in files], lambda i: _open_rgb(files[i]))
+
+
+def image_folder(root: Path, split: str | None) -> ImageSource:
+    """torchvision's ImageFolder layout, root/<class>/<image>; root/<split>/ is used when present."""
+    base = root / split if split and (root / split).is_dir() else root
+    classes = sorted(d.name for d in base.iterdir() if d.is_dir() and not d.name.startswith("."))
+    if not classes:
+        raise UserError(f"{base} has no class folders; expected {base}/<class>/<image>.jpg")
+    files, labels = [], []
+    for label, c in enumerate(classes):
+        found = sorted(f for f in (base / c).rglob("*") if f.suffix.lower() in IMAGE_SUFFIXES)
+        files.extend(found)
+        labels.extend([label] * len(found))
+    return ImageSource([str(f) for f in files], lambda i: _open_rgb(files[i]), labels,
+                       [c.replace("_", " ") for c in classes], root.name, split, None)
+
+
+def dataset_images(name: str, split: str = "test", domain: str | None = None, data_root: Path | None = None,
+                   limit: int | None = None) -> ImageSource:
+    """A dataset split: `synthetic` is rendered; an ImageFolder root is read; registry datasets are
+    read from data_root/<name>[/<domain>]/<split>/<class>/ (ImageFolder layout)."""
+    if name == "synthetic":
+        from .synthetic import DOMAINS, SyntheticDataset
+
+        domain = domain or "photo"
+        if domain not in DOMAINS:
+            raise UserError(f"unknown synthetic domain '{domain}'; use {', '.join(DOMAINS)}")
+        ds = SyntheticDataset(split, domain, n_per_class=SYNTHETIC_TEST_PER_CLASS)
+        n = len(ds) if limit is None else min(limit, len(ds))
+        # Spread a limit over classes instead of taking the first class only.
+        order = sorted(range(len(ds)), key=lambda i: (i % ds.n_per_class, i // ds.n_per_class))[:n]
+        return ImageSource([f"synthetic/{split}/{domain}/{i}" for i in order], lambda j: ds[order[j]][0],
+                           [ds.labels[i // ds.n_per_class] for i in order], ds.classes, "synthetic", split, domain)
+    if Path(name).is_dir():
+        return _limited(image_folder(Path(name), split), limit)
+    if name not in known_datasets():
+        raise UserError(f"unknown dataset '{name}'; known: {', '.join(known_datasets())}, or an ImageFolder root")
+    root = Path(data_root or "data-root") / name
+    if domain:
+        root = root / domain
+    if not (root / split).is_dir():
+        raise UserError(f"dataset {name} not found at {root / split}; expected the ImageFolder layout "
+                        f"{root}/{split}/<class>/<image> (pass --data-root DIR)")
+    return _limited(image_folder(root, split), limit)
+
+
+def _limited(src: ImageSource, limit: int | None) -> ImageSource:
+    if limit is None or limit >= len(src):
+        return src
+    step = len(src) / limit  # evenly over the (class-sorted) items, so every class shows up
+    picks = [int(i * step) for i in range(limit)]
+    inner = src.loader
+    return ImageSource([src.keys[i] for i in picks], lambda j: inner(picks[j]),
+                       [src.labels[i] for i in picks] if src.labels else None, src.classes,
+                       src.dataset, src.split, src.domain)

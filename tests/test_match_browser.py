@@ -1,0 +1,46 @@
+"""The HTML match report as a person sees it: rendered by headless Chromium (Debian's chromium)."""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+import subprocess
+
+import pytest
+
+from conftest import run_cli
+from match_fixtures import images, pool  # noqa: F401  (fixtures)
+
+pytestmark = pytest.mark.browser
+CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
+FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+         "--disable-background-networking", "--disable-component-update", "--disable-sync"]
+
+
+def chromium(*args: str, user_dir) -> str:
+    if CHROMIUM is None:
+        pytest.fail("chromium is not installed: `make test` installs Debian's chromium (apt-get install chromium)")
+    proc = subprocess.run([CHROMIUM, *FLAGS, f"--user-data-dir={user_dir}", *args], capture_output=True,
+                          text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    return proc.stdout
+
+
+def test_report_renders_every_image_and_attribute(pool, images, tmp_path):
+    page = tmp_path / "report.html"
+    r = run_cli("attrs", "match", images, "--pool", pool, "--top-k", "3", "--json", "--html", page)
+    assert r.code == 0, r.err
+    found = json.loads(r.out)
+    dom = chromium("--virtual-time-budget=5000", "--dump-dom", page.as_uri(), user_dir=tmp_path / "chrome")
+    loaded = re.search(r'data-images-loaded="(\d+)"', dom)
+    assert loaded and int(loaded.group(1)) == len(found) == 4  # every thumbnail decoded and displayed
+    shown = re.findall(r"<td class=\"attr\">(.*?)</td>", dom)
+    assert len(shown) == sum(len(f["matches"]) for f in found)
+    for f in found:
+        assert f["image"] in dom
+        for m in f["matches"]:
+            assert m["attribute"] in shown
+    shot = tmp_path / "report.png"
+    chromium("--window-size=1000,900", f"--screenshot={shot}", page.as_uri(), user_dir=tmp_path / "chrome2")
+    assert shot.stat().st_size > 5000
