@@ -253,8 +253,8 @@ def attrs_export(
 
 @attrs_app.command("match")
 def attrs_match(
+    pool: PoolOpt,
     images: Annotated[Optional[list[Path]], typer.Argument(help="Image files or folders of images.")] = None,
-    pool: PoolOpt = Path("pool.duckdb"),
     top_k: Annotated[int, typer.Option(help="Attributes per image.")] = 5,
     kind: Annotated[str, typer.Option(help="class, domain or all.")] = "all",
     classes: Annotated[Optional[str], typer.Option(help="Comma-separated classes whose attributes may match.")] = None,
@@ -265,6 +265,8 @@ def attrs_match(
     domain: Annotated[Optional[str], typer.Option(help="Dataset domain.")] = None,
     limit: Annotated[Optional[int], typer.Option(help="At most this many dataset images (spread over classes).")] = None,
     data_root: Annotated[Optional[Path], typer.Option(help="Where registry datasets live (ImageFolder layout).")] = None,
+    cache: Annotated[bool, typer.Option("--cache", help="Encode and match a whole dataset split once, and cache it "
+                                                       "for training and later calls.")] = False,
     clip_model: ClipModelOpt = None,
     clip_pretrained: ClipPretrainedOpt = None,
     device: Annotated[str, typer.Option(help="Device for the CLIP image tower.")] = "cpu",
@@ -278,8 +280,13 @@ def attrs_match(
         raise UserError("name images (files or folders) or --dataset NAME, one of the two")
     if limit is not None and limit < 1:
         raise UserError("--limit must be at least 1")
+    if cache and (images or limit):
+        raise UserError("--cache works on a whole dataset split: give --dataset NAME without --limit")
     source = image_files(images) if images else dataset_images(dataset, split, domain, data_root, limit)
     backbone = BackboneSpec.from_options(clip_model, clip_pretrained) if clip_model else None
+    if cache:
+        _match_cached(pool, source, top_k, backbone, device, as_json)
+        return
     with RichProgress() as progress:
         report = match_images(pool, source, top_k=top_k, kind=kind, classes=_split(classes),
                               backbone=backbone, device=device, progress=progress)
@@ -306,6 +313,72 @@ def attrs_match(
         err.print(f"{len(report.failures)} of {len(source)} image(s) could not be read", markup=False)
     if not report.results:
         raise UserError(f"none of the {len(source)} image(s) could be read")
+
+
+def _match_cached(pool, source, top_k, backbone, device, as_json) -> None:
+    import time
+
+    from .attrpool.cache import cache_dir, cached_matches
+    from .attrpool.match import PoolAttributes
+
+    attrs = PoolAttributes.load(pool)
+    if backbone is not None and backbone.id != attrs.backbone.id:
+        raise UserError(f"pool {pool} was built with backbone {attrs.backbone.id}, not {backbone.id}; "
+                        f"drop --clip-model or pass {attrs.backbone.cli_options()}")
+    start = time.perf_counter()
+    with RichProgress() as progress:
+        found = cached_matches(attrs, source, top_k, device=device, progress=progress)
+    if as_json:
+        print(json.dumps([{"image": key, "matches": [
+            {"attribute": attrs.texts[i], "score": round(float(s), 6), "kind": str(attrs.kinds[i]),
+             "sources": attrs.sources[i]} for i, s in zip(ids, scores) if i >= 0]}
+            for key, ids, scores in zip(source.keys, found.ids, found.scores)], indent=2, ensure_ascii=False))
+    bad = int((~found.valid).sum())
+    how = lambda cached: "read from" if cached else "computed into"  # noqa: E731
+    err.print(f"{len(source)} image(s) of {source.dataset}/{source.split}/{source.domain or '-'}: features "
+              f"{how(found.features_from_cache)}, top-{top_k} matches {how(found.from_cache)} the cache "
+              f"({cache_dir()}) in {time.perf_counter() - start:.2f} s"
+              + (f"; {bad} unreadable image(s) skipped" if bad else ""), markup=False, highlight=False)
+
+
+@attrs_app.command("eval")
+def attrs_eval(
+    pool: PoolOpt,
+    dataset: Annotated[str, typer.Option(help="synthetic, a registry name, or an ImageFolder root.")],
+    split: Annotated[str, typer.Option(help="Dataset split.")] = "test",
+    domain: Annotated[Optional[str], typer.Option(help="Dataset domain.")] = None,
+    beta: Annotated[float, typer.Option(help="Weight of the attribute mean in enriched prototypes.")] = 1.0,
+    data_root: Annotated[Optional[Path], typer.Option(help="Where registry datasets live (ImageFolder layout).")] = None,
+    as_json: JsonOpt = False,
+    device: Annotated[str, typer.Option(help="Device for CLIP.")] = "cpu",
+):
+    """Zero-shot accuracy: class-name prompts vs classification by description vs enriched prototypes."""
+    import numpy as np
+
+    from .attrpool.cache import image_features
+    from .attrpool.match import PoolAttributes
+    from .attrpool.zeroshot import evaluate
+    from .backbones.factory import load_backbone
+    from .data.images import dataset_images
+
+    source = dataset_images(dataset, split, domain, data_root, None)
+    if source.labels is None:
+        raise UserError(f"dataset {dataset} has no labels to evaluate against")
+    attrs = PoolAttributes.load(pool)
+    with RichProgress() as progress:
+        feats = image_features(source, attrs.backbone, device=device, progress=progress)
+    clip = load_backbone(attrs.backbone, device=device)
+    labels = np.asarray(source.labels)
+    result = evaluate(attrs, clip, feats.features[feats.valid], labels[feats.valid], source.classes, beta)
+    if as_json:
+        print(json.dumps(result.as_dict()))
+        return
+    t = Table("classifier", "accuracy (%)", title=f"zero-shot on {source.dataset}/{split}/{source.domain or '-'}, "
+                                                    f"{result.images} images, backbone {attrs.backbone.id}")
+    t.add_row("class names (a photo of a {c}.)", f"{result.class_names:.1f}")
+    t.add_row("descriptions (mean attribute similarity)", f"{result.descriptions:.1f}")
+    t.add_row(f"enriched prototypes (beta = {beta:g})", f"{result.enriched:.1f}")
+    out.print(t)
 
 
 @app.command("demo")

@@ -36,6 +36,7 @@ class PoolAttributes:
     sources: list[list[str]]
     index: object
     source_kinds: dict[str, str] = field(default_factory=dict)
+    fingerprint: str = ""  # changes whenever the pool's attributes do
 
     @classmethod
     def load(cls, pool) -> "PoolAttributes":
@@ -48,6 +49,7 @@ class PoolAttributes:
                                      "ORDER BY attribute_id, source_name").fetchall()
             blob = store.con.execute("SELECT blob FROM faiss_index WHERE name = 'attributes'").fetchone()[0]
             backbone = BackboneSpec(store.meta("backbone_model"), store.meta("backbone_pretrained") or None)
+            fingerprint = store.meta("derived_fingerprint") or ""
         finally:
             store.close()
         sources: list[list[str]] = [[] for _ in rows]
@@ -56,7 +58,8 @@ class PoolAttributes:
             sources[attr_id].append(name)
             source_kinds[name] = kind
         return cls(backbone, [r[2] for r in rows], np.array([r[1] for r in rows]),
-                   np.asarray([r[3] for r in rows], dtype=np.float32), sources, deserialize_index(blob), source_kinds)
+                   np.asarray([r[3] for r in rows], dtype=np.float32), sources, deserialize_index(blob), source_kinds,
+                   fingerprint)
 
     def candidates(self, kind: str = "all", classes: list[str] | None = None) -> np.ndarray | None:
         """Attribute ids allowed by the filters, or None for all of them."""

@@ -6,6 +6,7 @@ that raises on unreadable images (the caller reports and skips them), and a labe
 
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -24,6 +25,7 @@ class ImageSource:
     dataset: str | None = None
     split: str | None = None
     domain: str | None = None
+    cache_key: str | None = None  # identity of a dataset split's images; None: not cacheable
 
     def __len__(self) -> int:
         return len(self.keys)
@@ -66,8 +68,11 @@ def image_folder(root: Path, split: str | None) -> ImageSource:
         found = sorted(f for f in (base / c).rglob("*") if f.suffix.lower() in IMAGE_SUFFIXES)
         files.extend(found)
         labels.extend([label] * len(found))
+    # The files' names, sizes and times identify the split: edit one and its cache entry is new.
+    listing = "\n".join(f"{f.relative_to(base)}|{f.stat().st_size}|{f.stat().st_mtime_ns}" for f in files)
+    key = f"folder:{base.resolve()}:{hashlib.sha256(listing.encode()).hexdigest()}"
     return ImageSource([str(f) for f in files], lambda i: _open_rgb(files[i]), labels,
-                       [c.replace("_", " ") for c in classes], root.name, split, None)
+                       [c.replace("_", " ") for c in classes], root.name, split, None, key)
 
 
 def dataset_images(name: str, split: str = "test", domain: str | None = None, data_root: Path | None = None,
@@ -75,17 +80,21 @@ def dataset_images(name: str, split: str = "test", domain: str | None = None, da
     """A dataset split: `synthetic` is rendered; an ImageFolder root is read; registry datasets are
     read from data_root/<name>[/<domain>]/<split>/<class>/ (ImageFolder layout)."""
     if name == "synthetic":
-        from .synthetic import DOMAINS, SyntheticDataset
+        from .synthetic import DOMAINS, RENDER_VERSION, SyntheticDataset
 
         domain = domain or "photo"
         if domain not in DOMAINS:
             raise UserError(f"unknown synthetic domain '{domain}'; use {', '.join(DOMAINS)}")
         ds = SyntheticDataset(split, domain, n_per_class=SYNTHETIC_TEST_PER_CLASS)
         n = len(ds) if limit is None else min(limit, len(ds))
-        # Spread a limit over classes instead of taking the first class only.
-        order = sorted(range(len(ds)), key=lambda i: (i % ds.n_per_class, i // ds.n_per_class))[:n]
+        key = (f"synthetic:render-v{RENDER_VERSION}:{ds.config}:n{ds.n_per_class}:{split}:{domain}"
+               if n == len(ds) else None)
+        # A whole split is in index order (row i of a cache is image i); a limit is spread over classes.
+        order = list(range(len(ds))) if n == len(ds) else \
+            sorted(range(len(ds)), key=lambda i: (i % ds.n_per_class, i // ds.n_per_class))[:n]
         return ImageSource([f"synthetic/{split}/{domain}/{i}" for i in order], lambda j: ds[order[j]][0],
-                           [ds.labels[i // ds.n_per_class] for i in order], ds.classes, "synthetic", split, domain)
+                           [ds.labels[i // ds.n_per_class] for i in order], ds.classes, "synthetic", split, domain,
+                           key)
     if Path(name).is_dir():
         return _limited(image_folder(Path(name), split), limit)
     if name not in known_datasets():

@@ -27,6 +27,7 @@ TEXTURES = ("solid", "striped", "dotted", "checkered")
 SIZES = {"small": 0.42, "medium": 0.6, "large": 0.78}
 DOMAINS = ("photo", "clipart", "sketch", "painting", "inverted")
 SPLIT_STREAMS = {"train": 0, "test": 1, "val": 2}
+RENDER_VERSION = 1  # bump when rendering changes: cached features of older renders become stale
 
 
 @dataclass(frozen=True)
