@@ -322,9 +322,7 @@ def _match_cached(pool, source, top_k, backbone, device, as_json) -> None:
     from .attrpool.match import PoolAttributes
 
     attrs = PoolAttributes.load(pool)
-    if backbone is not None and backbone.id != attrs.backbone.id:
-        raise UserError(f"pool {pool} was built with backbone {attrs.backbone.id}, not {backbone.id}; "
-                        f"drop --clip-model or pass {attrs.backbone.cli_options()}")
+    attrs.require_backbone(backbone, pool)
     start = time.perf_counter()
     with RichProgress() as progress:
         found = cached_matches(attrs, source, top_k, device=device, progress=progress)

@@ -61,6 +61,12 @@ class PoolAttributes:
                    np.asarray([r[3] for r in rows], dtype=np.float32), sources, deserialize_index(blob), source_kinds,
                    fingerprint)
 
+    def require_backbone(self, backbone: BackboneSpec | None, pool) -> None:
+        """A --clip-model the user gave must be the pool's own (None: use the pool's)."""
+        if backbone is not None and backbone.id != self.backbone.id:
+            raise UserError(f"pool {pool} was built with backbone {self.backbone.id}, not {backbone.id}; "
+                            f"drop --clip-model or pass {self.backbone.cli_options()}")
+
     def candidates(self, kind: str = "all", classes: list[str] | None = None) -> np.ndarray | None:
         """Attribute ids allowed by the filters, or None for all of them."""
         if kind not in ("all", "class", "domain"):
@@ -106,9 +112,7 @@ def match_images(pool, source, *, top_k: int = 5, kind: str = "all", classes: li
     from ..backbones.factory import load_backbone
 
     attrs = PoolAttributes.load(pool)
-    if backbone is not None and backbone.id != attrs.backbone.id:
-        raise UserError(f"pool {pool} was built with backbone {attrs.backbone.id}, not {backbone.id}; "
-                        f"drop --clip-model or pass {attrs.backbone.cli_options()}")
+    attrs.require_backbone(backbone, pool)
     candidates = attrs.candidates(kind, classes)
     clip = load_backbone(attrs.backbone, device=device)
     results, failures = [], []
