@@ -19,6 +19,8 @@ app = typer.Typer(no_args_is_help=True, add_completion=False, rich_markup_mode=N
                   help="Continual learning of CLIP guided by LLM-generated attributes.")
 attrs_app = typer.Typer(no_args_is_help=True, help="Build and inspect attribute pools.")
 app.add_typer(attrs_app, name="attrs")
+scenario_app = typer.Typer(no_args_is_help=True, help="Continual-learning scenarios: presets and files.")
+app.add_typer(scenario_app, name="scenario")
 
 out = Console()
 err = Console(stderr=True)
@@ -377,6 +379,34 @@ def attrs_eval(
     t.add_row("descriptions (mean attribute similarity)", f"{result.descriptions:.1f}")
     t.add_row(f"enriched prototypes (beta = {beta:g})", f"{result.enriched:.1f}")
     out.print(t)
+
+
+@scenario_app.command("show")
+def scenario_show(name: Annotated[str, typer.Argument(help="A preset name or a scenario YAML file.")],
+                  as_json: JsonOpt = False):
+    """The steps of a scenario and the kind of increment each one is."""
+    from .trainer.scenario import load_scenario
+
+    sc = load_scenario(name)
+    if as_json:
+        print(json.dumps({"name": sc.name, "steps": [
+            {"dataset": s.dataset, "domain": s.domain, "kind": s.kind, "classes": list(s.classes)} for s in sc.steps]},
+            indent=2, ensure_ascii=False))
+        return
+    t = Table("step", "increment", "dataset", "domain", "classes", title=f"{sc.name}: {sc.description}")
+    for i, s in enumerate(sc.steps, 1):
+        shown = ", ".join(s.classes[:4]) + (f", ... ({len(s.classes)})" if len(s.classes) > 4 else "")
+        t.add_row(str(i), s.kind, s.dataset, s.domain, shown)
+    out.print(t)
+
+
+@scenario_app.command("list")
+def scenario_list():
+    """The preset scenarios."""
+    from .trainer.scenario import known_scenarios
+
+    for name in known_scenarios():
+        out.print(name)
 
 
 @app.command("demo")
