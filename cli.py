@@ -432,7 +432,17 @@ def demo(
     for src in ["star", "lightning bolt", "heart", "sketch", "inverted"]:
         t.add_row(src, "; ".join(found.get(src, [])))
     out.print(t)
-    out.print(f"inspect it: uniil attrs list --pool {pool}   |   uniil attrs export --pool {pool} --format json")
+    from .attrpool.match import match_images
+    from .data.images import dataset_images
+
+    out.rule("which attributes do two rendered test images call up? (uniil attrs match)")
+    report = match_images(pool, dataset_images("synthetic", "test", "sketch", None, 2), top_k=3)
+    for key, found in report.results:
+        out.print(f"{key}: " + "; ".join(f"{m.attribute} ({m.kind}, {m.score:.2f})" for m in found))
+    out.print("uniil-tiny has random weights, so these matches are noise; the backbone of a later release "
+              "(uniil-micro) is trained on the synthetic world.")
+    out.print(f"inspect it: uniil attrs list --pool {pool}   |   uniil attrs export --pool {pool} --format json"
+              f"   |   uniil attrs match --pool {pool} --dataset synthetic --limit 4 --html report.html")
 
 
 def _interrupted() -> None:

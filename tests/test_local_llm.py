@@ -88,3 +88,12 @@ def test_llama_cpp_server_over_http(llama_server, tmp_path):
     assert con.execute("SELECT structured FROM server_caps").fetchall() == [("json_object",)]
     modes = {m for (m,) in con.execute("SELECT DISTINCT structured FROM llm_calls WHERE form = 'chat'").fetchall()}
     assert "json_object" in modes
+
+
+def test_demo_builds_the_synthetic_pool_offline(cli, tmp_path, monkeypatch):
+    monkeypatch.setenv("UNIIL_CACHE_DIR", str(tmp_path / "cache"))
+    r = cli("demo", "--workdir", tmp_path / "demo")
+    assert r.code == 0, r.err
+    s = json.loads(cli("attrs", "stats", "--pool", tmp_path / "demo" / "synthetic.duckdb", "--json").out)
+    assert (s["classes"], s["domains"], s["failed_calls"]) == (24, 5, 0) and s["llm_calls"] == 24 * 3 + 5
+    assert "synthetic/test/sketch/0" in r.out  # the match step ran on rendered images
