@@ -151,6 +151,7 @@ class Collector:
 
     async def _ask(self, req: AttributeRequest) -> str:
         connection_only = True
+        unusable = 0  # answers without a usable phrase so far: only these call for other sampling
         for attempt in range(self.retry.attempts):
             if not self._budget_left():
                 return "unasked"
@@ -159,7 +160,7 @@ class Collector:
                 c = await self.backend.complete(
                     form=req.form, messages=req.payload.get("messages"), prompt=req.payload.get("prompt"),
                     schema=answer_schema(req.n), max_tokens=self.max_tokens,
-                    temperature=0.0 if attempt == 0 else 0.8, seed=attempt)
+                    temperature=0.8 if unusable else 0.0, seed=unusable)
             except TransientLLMError as exc:
                 await self._write(self.store.record_call, self._record(req, attempt, "error", error=str(exc)[:500]))
                 connection_only &= exc.connection
@@ -178,6 +179,7 @@ class Collector:
                 await self._write(self.store.answer_and_record, rec)
                 return "answered"
             rec.status = "unusable"
+            unusable += 1
             await self._write(self.store.record_call, rec)
             log.info("no usable attribute in the answer for %s (%s), attempt %d", req.source_name, req.template, attempt + 1)
         if connection_only:

@@ -79,7 +79,7 @@ class LLMSpec:
         if structured not in ("auto", *STRUCTURED_MODES):
             raise UserError(f"unknown --structured '{structured}'; use auto, {', '.join(STRUCTURED_MODES)}")
         if url:
-            if llm not in (None, "local") and not llm.startswith("server"):
+            if llm is not None:
                 raise UserError("give either --llm or --llm-url, not both")
             if not model:
                 raise UserError("--llm-url needs --llm-model NAME (the model the server serves)")

@@ -66,6 +66,7 @@ def test_pool_of_another_backbone_is_refused(tmp_path, llm_server):
     (["--dedupe-threshold", "1.5"], "--dedupe-threshold 1.5 is outside"),
     (["--llm", "gpt4"], "unknown --llm 'gpt4'"),
     (["--llm-url", "http://127.0.0.1:9/v1"], "--llm-url needs --llm-model"),
+    (["--llm", "local", "--llm-url", "http://127.0.0.1:9/v1", "--llm-model", "m"], "either --llm or --llm-url"),
     (["--templates", "class-appearance,poem"], "unknown prompt template(s) poem"),
     (["--llm", "local:/nope/model.gguf"], "GGUF model file /nope/model.gguf not found"),
     (["--clip-model", "ViT-B-99"], "unknown CLIP model 'ViT-B-99'"),

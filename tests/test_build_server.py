@@ -90,7 +90,9 @@ def test_transient_faults_are_retried_and_retry_after_honoured(cli, llm_server, 
     circle = llm_server.requests_for("a circle")
     assert [c.status for c in circle] == [429, 200]
     assert circle[1].t - circle[0].t >= 0.95  # waited for Retry-After: 1 (a lower bound, not a timing budget)
-    assert [c.status for c in llm_server.requests_for("a square")] == [500, 500, 200]
+    square = llm_server.requests_for("a square")
+    assert [c.status for c in square] == [500, 500, 200]
+    assert {(c.body["temperature"], c.body["seed"]) for c in square} == {(0.0, 0)}  # a cured fault: same request
     assert len(llm_server.requests_for("a star")) == 2  # timed out once, then answered
     s = stats(cli, pool)
     assert s["llm_calls"] == 3 and s["failed_calls"] == 0  # cured faults are not failures
@@ -111,7 +113,9 @@ def test_unusable_answers_are_retried_then_reported_per_class(cli, llm_server, t
     r = cli(*args)
     assert r.code == 1
     assert "no usable answer for 1 source(s)" in r.err and "heart" in r.err
-    assert len(llm_server.requests_for("a heart")) == 4  # 2 templates x 2 tries
+    heart = llm_server.requests_for("a heart")
+    assert len(heart) == 4  # 2 templates x 2 tries
+    assert sorted(c.body["temperature"] for c in heart) == [0.0, 0.0, 0.8, 0.8]  # resampled after junk
     assert not pool.exists()  # no half-written pool...
     part = pool.with_name(pool.name + ".partial")
     assert part.exists()  # ...but the paid answers are kept for the rerun
