@@ -145,7 +145,7 @@ def _collect(cfg, store, backend, pending, report, progress) -> None:
             await backend.aclose()
 
     try:
-        result = asyncio.run(run())
+        result = _run_coroutine(run)
     except FatalLLMError as exc:
         raise UserError(str(exc)) from None
     finally:
@@ -158,6 +158,18 @@ def _collect(cfg, store, backend, pending, report, progress) -> None:
     if result.unasked:
         raise UserError(f"--max-requests {cfg.max_requests} spent: {result.unasked} prompt(s) not asked yet "
                         f"({result.answered} answered and kept); rerun to ask only those")
+
+
+def _run_coroutine(factory):
+    """asyncio.run, also from code that already runs an event loop (Jupyter): then on a thread."""
+    try:
+        asyncio.get_running_loop()
+    except RuntimeError:
+        return asyncio.run(factory())
+    from concurrent.futures import ThreadPoolExecutor
+
+    with ThreadPoolExecutor(max_workers=1) as pool:
+        return pool.submit(lambda: asyncio.run(factory())).result()
 
 
 def _finish_derivation(store: PoolStore, backbone: BackboneSpec, threshold: float, device: str,

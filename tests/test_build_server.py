@@ -227,3 +227,23 @@ def test_api_key_is_sent_but_never_stored(cli, llm_server, tmp_path, monkeypatch
     assert llm_server.log[0].headers.get("authorization") == f"Bearer {secret}"
     assert secret.encode() not in pool.read_bytes()
     assert secret not in r.out + r.err
+
+
+def test_build_pool_works_inside_a_running_event_loop(llm_server, tmp_path):
+    """As in a Jupyter notebook, where an event loop is already running."""
+    import asyncio
+
+    from uniil.attrpool.build import BuildConfig, build_pool
+    from uniil.attrpool.llm import LLMSpec
+    from uniil.backbones.spec import BackboneSpec
+    from uniil.data.registry import resolve_names
+
+    cfg = BuildConfig(pool=tmp_path / "p.duckdb", names=resolve_names(None, classes_file(tmp_path), []),
+                      llm=LLMSpec.from_options(None, llm_server.base_url, "m", None),
+                      backbone=BackboneSpec.from_options("uniil-tiny", None), templates=["class-appearance"])
+
+    async def notebook_cell():
+        return build_pool(cfg)
+
+    report = asyncio.run(notebook_cell())
+    assert report.answered == 3 and report.stats["attributes"] > 0
