@@ -42,7 +42,7 @@ class PoolAttributes:
     def load(cls, pool) -> "PoolAttributes":
         store = PoolStore.open_for_read(pool)
         try:
-            if not store.has_attributes() or store.stats()["attributes"] == 0:
+            if not store.has_attributes() or not store.con.execute("SELECT count(*) FROM attributes").fetchone()[0]:
                 raise UserError(f"pool {pool} has no attributes yet; finish it with `uniil attrs build`")
             rows = store.con.execute("SELECT id, kind, text, embedding FROM attributes ORDER BY id").fetchall()
             prov = store.con.execute("SELECT DISTINCT attribute_id, source_kind, source_name FROM provenance "
