@@ -46,12 +46,13 @@ def _global(verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Log d
 class RichProgress:
     """The library's Progress protocol drawn as rich progress bars on stderr."""
 
-    def __init__(self):
+    def __init__(self, keep_finished: bool = True):
         from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
         self._bars = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
                               TimeElapsedColumn(), console=err, transient=False)
         self._tasks: dict[str, int] = {}
+        self._keep = keep_finished  # False: a finished bar disappears (long runs draw many)
 
     def __enter__(self):
         self._bars.start()
@@ -72,7 +73,14 @@ class RichProgress:
 
     def stop(self, task):
         if task in self._tasks:
-            self._bars.stop_task(self._tasks.pop(task))
+            task_id = self._tasks.pop(task)
+            self._bars.stop_task(task_id)
+            if not self._keep:
+                self._bars.remove_task(task_id)
+
+    def print(self, text: str) -> None:
+        """A line above the bars."""
+        self._bars.console.print(text, markup=False, highlight=False, soft_wrap=True)
 
 
 def _split(value: Optional[str]) -> Optional[list[str]]:
@@ -409,21 +417,126 @@ def scenario_list():
         out.print(name)
 
 
+def _method_options(items: list[str]) -> dict:
+    """`--opt key=value` pairs; values parse as JSON when they can (numbers, booleans, lists)."""
+    opts = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip():
+            raise UserError(f"--opt {item!r}: write key=value, e.g. --opt adapter_rank=32")
+        try:
+            opts[key.strip().replace("-", "_")] = json.loads(value)
+        except ValueError:
+            opts[key.strip().replace("-", "_")] = value
+    return opts
+
+
+def _step_line(s) -> str:
+    speed = f", {s.images_per_s:.0f} img/s" if s.images_per_s else ""
+    return (f"step {s.index}/{s.total} [{s.kind}] {s.name}: accuracy {s.accuracy:.1f}%, mean over seen steps "
+            f"{s.seen_mean:.1f}% (train {s.train_s:.1f} s{speed}, eval {s.eval_s:.1f} s)")
+
+
+@app.command("train")
+def train(
+    scenario: Annotated[str, typer.Option(help="A preset (uniil scenario list) or a scenario YAML file.")],
+    method: Annotated[str, typer.Option(help="zeroshot, finetune, ... (an unknown name lists them).")],
+    out: Annotated[Path, typer.Option(help="Run directory: config, checkpoints, metrics.json.")],
+    pool: Annotated[Optional[Path], typer.Option(help="Attribute pool (needed by attribute-guided methods).")] = None,
+    clip_model: ClipModelOpt = None,
+    clip_pretrained: ClipPretrainedOpt = None,
+    epochs: Annotated[int, typer.Option(help="Epochs per step.")] = 1,
+    iters: Annotated[Optional[int], typer.Option(help="Optimiser steps per scenario step (overrides --epochs).")] = None,
+    batch_size: Annotated[int, typer.Option(help="Global batch size (split over DDP ranks).")] = 64,
+    lr: Annotated[float, typer.Option(help="AdamW learning rate.")] = 1e-3,
+    weight_decay: Annotated[float, typer.Option(help="AdamW weight decay.")] = 0.0,
+    warmup: Annotated[int, typer.Option(help="Linear warm-up steps before the cosine schedule.")] = 30,
+    seed: Annotated[int, typer.Option(help="Seed: same seed, same machine, same metrics.")] = 0,
+    device: Annotated[str, typer.Option(help="cpu, cuda or cuda:N.")] = "cpu",
+    precision: Annotated[str, typer.Option(help="fp32, bf16 or fp16 (autocast).")] = "fp32",
+    data_root: Annotated[Optional[Path], typer.Option(help="Where real datasets live.")] = None,
+    download: Annotated[bool, typer.Option(help="Download torchvision datasets into --data-root.")] = False,
+    train_per_class: Annotated[int, typer.Option(help="Synthetic dataset: training images per class and step.")] = 40,
+    test_per_class: Annotated[int, typer.Option(help="Synthetic dataset: test images per class and step.")] = 10,
+    workers: Annotated[int, typer.Option(help="DataLoader workers for datasets too large to keep in memory.")] = 0,
+    resume: Annotated[bool, typer.Option(help="Continue the run in --out after its last finished step.")] = False,
+    opt: Annotated[list[str], typer.Option("--opt", help="Method option key=value (repeatable).")] = [],
+):
+    """Continual learning over a scenario; writes OUT/metrics.json and a checkpoint after every step."""
+    from .trainer.config import TrainConfig
+    from .trainer.engine import train as run_training
+
+    global _interrupt_hint
+    _interrupt_hint = f"interrupted; finished steps are kept in {out}: rerun the same command with --resume to continue"
+    cfg = TrainConfig(scenario, method, out, pool, clip_model, clip_pretrained, epochs, iters, batch_size, lr,
+                      weight_decay, warmup, seed, device, precision, data_root, download, train_per_class,
+                      test_per_class, workers, resume, _method_options(opt))
+    with RichProgress(keep_finished=False) as progress:
+        run_training(cfg, progress, on_step=lambda s: progress.print(_step_line(s)))
+    from .trainer.report import load_run
+
+    _print_runs([load_run(out)])
+
+
+def _print_runs(runs) -> None:
+    """One row per run; columns that hold the same value for every run move into the title."""
+    from .trainer.report import COLUMNS, comparison_rows, format_row
+
+    rows = comparison_rows(runs)
+    shown = [(k, h) for k, h in COLUMNS if not k.startswith("task_il") or any(r[k] is not None for r in rows)]
+    common = [(k, h) for k, h in shown if k in ("scenario", "backbone", "method") and len(rows) > 1
+              and len({r[k] for r in rows}) == 1] if len(rows) > 1 else [(k, h) for k, h in shown
+                                                                          if k in ("scenario", "backbone")]
+    keep = [(k, h) for k, h in shown if (k, h) not in common]
+    title = "accuracy (%), class-IL unless marked task-IL" + "".join(f"; {h} {rows[0][k]}" for k, h in common)
+    t = Table(*[h for _, h in keep], title=title)
+    for row in rows:
+        cells = dict(zip([k for k, _ in COLUMNS], format_row(row)))
+        t.add_row(*(cells[k] for k, _ in keep))
+    out.print(t)
+
+
+@app.command("report")
+def report(
+    run_dirs: Annotated[list[Path], typer.Argument(help="Run directories written by `uniil train`.")],
+    out_dir: Annotated[Path, typer.Option("--out", help="Where the plots and report.html go.")] = Path("report"),
+):
+    """Compare runs: a table of the field's metrics, accuracy-matrix heatmaps, curves, one HTML page."""
+    from .trainer.report import load_runs, write_report
+
+    runs = load_runs(run_dirs)
+    _print_runs(runs)
+    html = write_report(runs, out_dir)
+    out.print(f"report: {html}", markup=False, highlight=False)
+
+
+DEMO_METHODS = ("zeroshot", "finetune")
+
+
 @app.command("demo")
 def demo(
-    workdir: Annotated[Path, typer.Option(help="Where the demo writes its pool.")] = Path("demo-out"),
+    workdir: Annotated[Path, typer.Option(help="Where the demo writes its pool, runs and report.")] = Path("demo-out"),
     llm: Annotated[str, typer.Option(help="LLM for the pool (default: the embedded offline model).")] = "local",
+    clip_model: Annotated[str, typer.Option("--clip-model", help="Backbone of the demo.")] = "uniil-tiny",
+    epochs: Annotated[int, typer.Option(help="Training epochs per step.")] = 2,
 ):
-    """The main job on embedded defaults: an attribute pool for the synthetic dataset, offline."""
+    """The main job on embedded defaults, offline: an attribute pool for the synthetic dataset, then
+    every method on the synthetic-uniil scenario, compared in one report."""
     from .attrpool.build import BuildConfig, build_pool
     from .attrpool.llm import LLMSpec
+    from .attrpool.match import match_images
     from .backbones.spec import BackboneSpec
+    from .data.images import dataset_images
     from .data.registry import resolve_names
+    from .trainer.config import TrainConfig
+    from .trainer.engine import train as run_training
+    from .trainer.report import load_runs, write_report
 
     pool = workdir / "synthetic.duckdb"
-    out.rule("uniil demo: attribute pool for the synthetic dataset (embedded LLM, uniil-tiny)")
+    spec = BackboneSpec.from_options(clip_model, None)
+    out.rule(f"uniil demo 1/3: attribute pool for the synthetic dataset (embedded LLM, {clip_model})")
     cfg = BuildConfig(pool=pool, names=resolve_names("synthetic"), llm=LLMSpec.from_options(llm, None, None, None),
-                      backbone=BackboneSpec.from_options("uniil-tiny", None), concurrency=1)
+                      backbone=spec, concurrency=1)
     with RichProgress() as progress:
         report = build_pool(cfg, progress)
     _print_report(report)
@@ -432,21 +545,38 @@ def demo(
     for src in ["star", "lightning bolt", "heart", "sketch", "inverted"]:
         t.add_row(src, "; ".join(found.get(src, [])))
     out.print(t)
-    from .attrpool.match import match_images
-    from .data.images import dataset_images
 
-    out.rule("which attributes do two rendered test images call up? (uniil attrs match)")
+    out.rule("uniil demo 2/3: which attributes do two rendered test images call up? (uniil attrs match)")
     report = match_images(pool, dataset_images("synthetic", "test", "sketch", None, 2), top_k=3)
     for key, found in report.results:
         out.print(f"{key}: " + "; ".join(f"{m.attribute} ({m.kind}, {m.score:.2f})" for m in found))
-    out.print("uniil-tiny has random weights, so these matches are noise; the backbone of a later release "
-              "(uniil-micro) is trained on the synthetic world.")
-    out.print(f"inspect it: uniil attrs list --pool {pool}   |   uniil attrs export --pool {pool} --format json"
-              f"   |   uniil attrs match --pool {pool} --dataset synthetic --limit 4 --html report.html")
+    if clip_model == "uniil-tiny":
+        out.print("uniil-tiny has random weights, so these matches are noise.")
+
+    out.rule("uniil demo 3/3: continual learning on synthetic-uniil (uniil train), compared (uniil report)")
+    runs = []
+    for method in DEMO_METHODS:
+        run_dir = workdir / "runs" / method
+        tcfg = TrainConfig("synthetic-uniil", method, run_dir, pool=pool, clip_model=clip_model, epochs=epochs,
+                           resume=(run_dir / "config.json").exists())
+        out.print(f"uniil train --scenario synthetic-uniil --method {method} --pool {pool} --clip-model {clip_model} "
+                  f"--epochs {epochs} --out {run_dir}", markup=False, highlight=False)
+        with RichProgress(keep_finished=False) as progress:
+            run_training(tcfg, progress, on_step=lambda s: progress.print(_step_line(s)))
+        runs.append(run_dir)
+    records = load_runs(runs)
+    _print_runs(records)
+    html = write_report(records, workdir / "report")
+    out.print(f"report: {html}   |   inspect the pool: uniil attrs list --pool {pool}   |   "
+              f"uniil attrs match --pool {pool} --dataset synthetic --limit 4 --html matches.html",
+              markup=False, highlight=False)
+
+
+_interrupt_hint = "interrupted; finished work (LLM answers included) is kept: rerun to continue"
 
 
 def _interrupted() -> None:
-    err.print("interrupted; finished work (LLM answers included) is kept: rerun to continue", markup=False)
+    err.print(_interrupt_hint, markup=False)
     sys.exit(130)
 
 

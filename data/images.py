@@ -76,9 +76,13 @@ def image_folder(root: Path, split: str | None) -> ImageSource:
 
 
 def dataset_images(name: str, split: str = "test", domain: str | None = None, data_root: Path | None = None,
-                   limit: int | None = None) -> ImageSource:
-    """A dataset split: `synthetic` is rendered; an ImageFolder root is read; registry datasets are
-    read from data_root/<name>[/<domain>]/<split>/<class>/ (ImageFolder layout)."""
+                   limit: int | None = None, download: bool = False) -> ImageSource:
+    """A dataset split, labels in the registry's class order (data/names/<name>.txt).
+
+    `synthetic` is rendered; an ImageFolder root is read as is; a registry dataset is read from
+    data_root/<name>/ (default ./data-root): an ImageFolder layout [<domain>/]<split>/<class>/, the
+    dataset's official layout (layouts.py), or torchvision's (torchvision_sets.py, which downloads
+    when `download` is set)."""
     if name == "synthetic":
         from .synthetic import DOMAINS, RENDER_VERSION, SyntheticDataset
 
@@ -99,13 +103,18 @@ def dataset_images(name: str, split: str = "test", domain: str | None = None, da
         return _limited(image_folder(Path(name), split), limit)
     if name not in known_datasets():
         raise UserError(f"unknown dataset '{name}'; known: {', '.join(known_datasets())}, or an ImageFolder root")
-    root = Path(data_root or "data-root") / name
-    if domain:
-        root = root / domain
-    if not (root / split).is_dir():
-        raise UserError(f"dataset {name} not found at {root / split}; expected the ImageFolder layout "
-                        f"{root}/{split}/<class>/<image> (pass --data-root DIR)")
-    return _limited(image_folder(root, split), limit)
+    from .layouts import layout_images, missing_message, resolve_domain
+    from .torchvision_sets import TORCHVISION_SETS, torchvision_images
+
+    base = Path(data_root or "data-root") / name
+    domain = resolve_domain(name, domain)
+    src = layout_images(name, split, domain, base)
+    if src is None and name in TORCHVISION_SETS:
+        src = torchvision_images(name, split, domain, base, download)
+    if src is None:
+        raise UserError(missing_message(name, split, domain, base) +
+                        (" (--download fetches only torchvision's datasets)" if download else ""))
+    return _limited(src, limit)
 
 
 def _limited(src: ImageSource, limit: int | None) -> ImageSource:

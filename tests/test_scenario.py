@@ -60,3 +60,36 @@ def test_cli_show_and_errors(tmp_path):
     f.write_text("steps: [")
     r = run_cli("scenario", "show", f)
     assert r.code == 1 and "cannot read scenario" in r.err
+
+
+def _seed1993(n):
+    import numpy as np
+
+    np.random.seed(1993)
+    return np.random.permutation(n).tolist()
+
+
+@pytest.mark.parametrize("name, dataset, n, base, inc", [
+    ("cifar100-b0inc5", "cifar100", 100, 0, 5), ("cifar100-b0inc10", "cifar100", 100, 0, 10),
+    ("cifar100-b0inc20", "cifar100", 100, 0, 20), ("tinyimagenet-b100inc5", "tinyimagenet", 200, 100, 5),
+    ("tinyimagenet-b100inc10", "tinyimagenet", 200, 100, 10), ("tinyimagenet-b100inc20", "tinyimagenet", 200, 100, 20),
+    ("imagenet-r-inc20", "imagenet-r", 200, 0, 20),
+])
+def test_class_incremental_presets_follow_the_seed_1993_order(name, dataset, n, base, inc):
+    sc = load_scenario(name)
+    sizes = [len(s.labels) for s in sc.steps]
+    assert sizes == ([base] if base else []) + [inc] * ((n - base) // inc)
+    assert [s.kind for s in sc.steps] == ["base"] + ["class"] * (len(sc.steps) - 1)
+    assert sc.datasets == [dataset] and [lab for s in sc.steps for lab in s.labels] == _seed1993(n)
+    if dataset == "cifar100":
+        assert sc.steps[0].labels[:4] == (68, 56, 78, 8) and sc.steps[0].classes[:2] == ("road", "palm tree")
+
+
+def test_uniil_preset_mixes_class_task_and_domain_steps():
+    sc = load_scenario("uniil")
+    assert [(s.dataset, s.domain, s.kind) for s in sc.steps] == [
+        ("cifar100", "photo", "base"), ("cifar100", "photo", "class"), ("domainnet", "real", "task"),
+        ("domainnet", "sketch", "domain"), ("domainnet", "clipart", "domain"), ("flowers102", "photo", "task"),
+        ("food101", "photo", "task")]
+    assert [len(s.labels) for s in sc.steps] == [50, 50, 345, 345, 345, 102, 101]
+    assert sc.steps[0].labels + sc.steps[1].labels == tuple(_seed1993(100))

@@ -1,0 +1,168 @@
+"""`uniil train` end to end on the synthetic scenario with the tiny backbone: metrics.json as
+methods.md defines it, safetensors checkpoints, determinism, Ctrl-C + --resume, bad input."""
+
+from __future__ import annotations
+
+import json
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from conftest import run_cli
+from uniil.trainer import metrics as M
+
+FAST = ["--scenario", "synthetic-uniil", "--clip-model", "uniil-tiny", "--train-per-class", "8",
+        "--test-per-class", "4", "--batch-size", "32"]
+
+
+def _metrics(run: Path) -> dict:
+    return json.loads((run / "metrics.json").read_text())
+
+
+@pytest.fixture(scope="module")
+def finetune_run(tmp_path_factory):
+    run = tmp_path_factory.mktemp("runs") / "finetune"
+    res = run_cli("train", *FAST, "--method", "finetune", "--out", run)
+    assert res.code == 0, res.err
+    return run, res
+
+
+def test_metrics_json_holds_the_full_matrix_and_the_field_metrics(finetune_run):
+    run, res = finetune_run
+    m = _metrics(run)
+    a = m["accuracy_matrix"]
+    assert len(a) == 5 and all(len(row) == 5 for row in a) and m["finished_steps"] == 5
+    assert all(0 <= v <= 100 for row in a for v in row)
+    expected = M.summarize(a, m["test_sizes"])
+    for key in ("last", "avg", "avg_incremental", "transfer", "forgetting", "bwt"):
+        assert m[key] == pytest.approx(expected[key])
+    # 8, 8, 16, 8, 24 classes x 4 test images
+    assert m["test_sizes"] == [32, 32, 64, 32, 96]
+    assert [s["kind"] for s in m["steps"]] == ["base", "class", "domain", "class+domain", "domain"]
+    assert m["task_il"] is None  # one dataset: class-IL only
+    assert m["versions"]["torch"] and m["config"]["method"] == "finetune"
+    assert len(m["timings"]["train_s"]) == 5
+    assert "step 5/5 [domain] synthetic/painting" in res.err  # one summary line per step
+
+
+def test_checkpoints_are_safetensors_of_the_adapters_only(finetune_run):
+    from safetensors.torch import load_file
+
+    run, _ = finetune_run
+    files = sorted((run / "checkpoints").glob("*.safetensors"))
+    assert [f.name for f in files] == [f"step-{i:03d}.safetensors" for i in range(1, 6)]
+    tensors = load_file(str(files[-1]))
+    assert tensors and all(k.startswith("adapters.") for k in tensors)
+    first = load_file(str(files[0]))
+    assert any((tensors[k] != first[k]).any() for k in tensors)  # later steps trained further
+
+
+def test_same_seed_same_metrics(finetune_run, tmp_path):
+    run, _ = finetune_run
+    again = tmp_path / "again"
+    assert run_cli("train", *FAST, "--method", "finetune", "--out", again).code == 0
+    assert _metrics(again)["accuracy_matrix"] == _metrics(run)["accuracy_matrix"]
+    other = tmp_path / "other-seed"
+    assert run_cli("train", *FAST, "--method", "finetune", "--out", other, "--seed", "1").code == 0
+    from safetensors.torch import load_file
+    a = load_file(str(run / "checkpoints" / "step-001.safetensors"))
+    b = load_file(str(other / "checkpoints" / "step-001.safetensors"))
+    assert any((a[k] != b[k]).any() for k in a)
+
+
+def test_ctrl_c_then_resume_ends_like_an_uninterrupted_run(finetune_run, tmp_path):
+    run, _ = finetune_run
+    resumed = tmp_path / "resumed"
+    cmd = [sys.executable, "-m", "uniil.cli", "train", *FAST, "--method", "finetune", "--out", str(resumed)]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    second = resumed / "checkpoints" / "step-002.json"
+    deadline = time.time() + 240
+    while not second.exists() and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130, err
+    assert "Traceback" not in err and "--resume" in err
+    m = _metrics(resumed)
+    assert 2 <= m["finished_steps"] < 5 and m["last"] is None  # partial, metrics not yet defined
+    res = run_cli("train", *FAST, "--method", "finetune", "--out", resumed, "--resume")
+    assert res.code == 0, res.err
+    assert _metrics(resumed)["accuracy_matrix"] == _metrics(run)["accuracy_matrix"]
+    # resuming a finished run trains nothing and keeps the result
+    assert run_cli("train", *FAST, "--method", "finetune", "--out", resumed, "--resume").code == 0
+    assert _metrics(resumed)["finished_steps"] == 5
+
+
+def test_zeroshot_reads_cached_features(tmp_path, monkeypatch):
+    monkeypatch.setenv("UNIIL_CACHE_DIR", str(tmp_path / "cache"))
+    res = run_cli("train", *FAST, "--method", "zeroshot", "--out", tmp_path / "zs")
+    assert res.code == 0, res.err
+    m = _metrics(tmp_path / "zs")
+    a = m["accuracy_matrix"]
+    # no training: a step's accuracy changes only with the vocabulary it competes in. Steps 2 and 3
+    # add no class (same vocabulary as the step before), so their rows repeat the previous ones.
+    assert a[2][:2] == a[1][:2] and a[4] == a[3]
+    assert a[0][0] >= a[1][0]  # more classes to confuse with never helps a frozen model
+    assert list((tmp_path / "cache" / "features").rglob("features.npy"))  # per (backbone, split) cache
+    again = run_cli("train", *FAST, "--method", "zeroshot", "--out", tmp_path / "zs2")
+    assert again.code == 0 and _metrics(tmp_path / "zs2")["accuracy_matrix"] == a
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--scenario", "nope", "--method", "finetune"], "unknown scenario 'nope'; presets:"),
+    (["--scenario", "synthetic-uniil", "--method", "nope"], "unknown method 'nope'; known:"),
+    (["--scenario", "synthetic-uniil", "--method", "finetune", "--precision", "fp8"], "unknown --precision fp8"),
+    (["--scenario", "synthetic-uniil", "--method", "finetune", "--opt", "oops"], "write key=value"),
+])
+def test_bad_input_is_one_line(tmp_path, args, message):
+    res = run_cli("train", *args, "--out", tmp_path / "r", "--clip-model", "uniil-tiny")
+    assert res.code == 1 and message in res.err and "Traceback" not in res.err
+    assert not (tmp_path / "r" / "metrics.json").exists()
+
+
+def test_scenario_file_with_unknown_class_names_the_step(tmp_path):
+    f = tmp_path / "s.yaml"
+    f.write_text("steps:\n  - {dataset: synthetic, classes: [circle]}\n  - {dataset: synthetic, classes: [dragon]}\n")
+    res = run_cli("train", "--scenario", f, "--method", "finetune", "--out", tmp_path / "r")
+    assert res.code == 1 and "step 2: unknown class 'dragon'" in res.err
+
+
+def test_existing_run_needs_resume_and_the_same_config(finetune_run, tmp_path):
+    run, _ = finetune_run
+    res = run_cli("train", *FAST, "--method", "finetune", "--out", run)
+    assert res.code == 1 and "pass --resume" in res.err
+    res = run_cli("train", *FAST, "--method", "finetune", "--out", run, "--resume", "--lr", "0.5")
+    assert res.code == 1 and "different config" in res.err and "lr" in res.err
+
+
+def test_pool_of_another_backbone_is_refused(tmp_path, llm_server):
+    from conftest import server_args
+
+    pool = tmp_path / "p.duckdb"
+    assert run_cli("attrs", "build", "--dataset", "synthetic", "--pool", pool, *server_args(llm_server)).code == 0
+    res = run_cli("train", "--scenario", "synthetic-uniil", "--method", "finetune", "--out", tmp_path / "r",
+                  "--pool", pool, "--clip-model", "ViT-B-32", "--clip-pretrained", "none")
+    assert res.code == 1 and "was built with backbone uniil-tiny" in res.err
+
+
+@pytest.mark.slow
+def test_ddp_on_two_cpu_processes_matches_one_process(finetune_run, tmp_path):
+    """torchrun with the gloo backend: each rank trains on half of every global batch and
+    evaluates half of each test set; averaged gradients make it the same run as one process."""
+    from conftest import free_port
+
+    run, _ = finetune_run
+    ddp = tmp_path / "ddp"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "1", "--nproc-per-node", "2",
+           "--master-addr", "127.0.0.1", "--master-port", str(free_port()),
+           "-m", "uniil.cli", "train", *FAST, "--method", "finetune", "--out", str(ddp)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    a, b = _metrics(ddp)["accuracy_matrix"], _metrics(run)["accuracy_matrix"]
+    assert _metrics(ddp)["test_sizes"] == _metrics(run)["test_sizes"]  # every test image counted once
+    # the same updates up to float summation order: at most a couple of borderline predictions move
+    assert max(abs(x - y) for ra, rb in zip(a, b) for x, y in zip(ra, rb)) <= 6.25

@@ -1,0 +1,125 @@
+"""From a scenario to data: the global class vocabulary, each step's train and test images, and
+batches of preprocessed tensors.
+
+Classes are identified by (dataset, label index), numbered in order of first appearance in the
+scenario; that numbering is the "global class index" used by methods, targets and logits.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+from dataclasses import dataclass
+
+import torch
+
+from ..data.images import ImageSource, dataset_images
+
+log = logging.getLogger(__name__)
+
+# Images of a step kept in memory as preprocessed tensors when they fit in this budget (bytes);
+# larger steps stream through a DataLoader.
+MEMORY_BUDGET = 2 * 1024 ** 3
+
+
+@dataclass(frozen=True)
+class Vocabulary:
+    keys: tuple[tuple[str, int], ...]  # (dataset, label) per global class index
+    names: tuple[str, ...]
+
+    def index(self, dataset: str, label: int) -> int:
+        return self.keys.index((dataset, label))
+
+
+def vocabulary(scenario) -> Vocabulary:
+    keys, names = [], []
+    for step in scenario.steps:
+        for label, name in zip(step.labels, step.classes):
+            if (step.dataset, label) not in keys:
+                keys.append((step.dataset, label))
+                names.append(name)
+    return Vocabulary(tuple(keys), tuple(names))
+
+
+@dataclass(frozen=True)
+class DataOptions:
+    data_root: str | None = None
+    download: bool = False
+    synthetic_train_per_class: int = 40
+    synthetic_test_per_class: int = 10
+
+
+def step_source(step, split: str, opts: DataOptions) -> ImageSource:
+    """The images of one step's classes and domain in one split, labels as dataset label indices."""
+    if step.dataset == "synthetic":
+        return _synthetic(step, split, opts)
+    full = dataset_images(step.dataset, split, step.domain if step.domain != "default" else None,
+                          opts.data_root, None, download=opts.download)
+    return subset(full, set(step.labels))
+
+
+def _synthetic(step, split: str, opts: DataOptions) -> ImageSource:
+    from ..data.synthetic import RENDER_VERSION, SyntheticDataset
+
+    n = opts.synthetic_train_per_class if split == "train" else opts.synthetic_test_per_class
+    ds = SyntheticDataset(split, step.domain, n_per_class=n, classes=list(step.classes))
+    key = (f"synthetic:render-v{RENDER_VERSION}:{ds.config}:n{n}:{split}:{step.domain}:"
+           f"{','.join(map(str, step.labels))}")
+    return ImageSource([f"synthetic/{split}/{step.domain}/{ds.labels[i // n]}/{i % n}" for i in range(len(ds))],
+                       lambda i: ds[i][0], [ds.labels[i // n] for i in range(len(ds))], ds.classes,
+                       "synthetic", split, step.domain, key)
+
+
+def subset(src: ImageSource, labels: set[int]) -> ImageSource:
+    if src.labels is None:
+        raise ValueError("a step's images need labels")
+    picks = [i for i, y in enumerate(src.labels) if y in labels]
+    if len(picks) == len(src):
+        return src
+    inner = src.loader
+    key = None
+    if src.cache_key:
+        key = f"{src.cache_key}:subset:{hashlib.sha256(','.join(map(str, sorted(labels))).encode()).hexdigest()[:16]}"
+    return ImageSource([src.keys[i] for i in picks], lambda j: inner(picks[j]), [src.labels[i] for i in picks],
+                       src.classes, src.dataset, src.split, src.domain, key)
+
+
+class TensorImages(torch.utils.data.Dataset):
+    """(preprocessed image, global target, position) per image of a source."""
+
+    def __init__(self, source: ImageSource, preprocess, targets: torch.Tensor):
+        self.source, self.preprocess, self.targets = source, preprocess, targets
+
+    def __len__(self) -> int:
+        return len(self.source)
+
+    def __getitem__(self, i: int):
+        return self.preprocess(self.source.load(i)), self.targets[i], i
+
+
+def global_targets(source: ImageSource, vocab: Vocabulary) -> torch.Tensor:
+    lookup = {key: g for g, key in enumerate(vocab.keys)}
+    return torch.tensor([lookup[(source.dataset, y)] for y in source.labels], dtype=torch.long)
+
+
+def materialise(dataset: TensorImages, progress=None, task: str = "load") -> torch.Tensor | None:
+    """All images of a small step as one tensor (rendered/decoded once for every epoch), or None
+    when they would not fit the memory budget."""
+    n = len(dataset)
+    if n == 0:
+        return None
+    first = dataset[0][0]
+    if n * first.numel() * first.element_size() > MEMORY_BUDGET:
+        return None
+    out = torch.empty((n, *first.shape), dtype=first.dtype)
+    out[0] = first
+    if progress:
+        progress.start(task, f"loading {dataset.source.dataset}/{dataset.source.split}/{dataset.source.domain}", n)
+        progress.advance(task, 1)
+    for i in range(1, n):
+        out[i] = dataset[i][0]
+        if progress:
+            progress.advance(task, 1)
+    if progress:
+        progress.stop(task)
+    return out

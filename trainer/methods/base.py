@@ -1,0 +1,146 @@
+"""The contract every continual-learning method follows, and the registry that names them.
+
+As in Mammoth, a method is one file: a `ContinualMethod` subclass decorated with
+`@register_method("name")`. The engine owns the loop, the data, the optimiser, precision, DDP,
+evaluation and checkpoints; a method says what to train and how to classify:
+
+    begin_step(t, step)        structural set-up for step t (new routers, ...); must be cheap and
+                               deterministic, because a resumed run replays it for finished steps
+    forward(batch)             the training loss of one batch (a scalar tensor)
+    end_step(t, step, data)    after training step t (freeze experts, fit statistics, fuse, ...)
+    encode(batch)              L2-normalised image features used for classification
+    logits(features, classes)  scores over global class indices (default: 100 * f . t_c)
+
+State that must survive a checkpoint is the method's parameters and buffers (saved as safetensors,
+never pickled) plus the JSON-serialisable dict of `extra_state()`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import ClassVar
+
+import torch
+from torch import nn
+
+from ...errors import UserError
+
+METHODS: dict[str, type["ContinualMethod"]] = {}
+
+
+def register_method(name: str):
+    def wrap(cls):
+        cls.name = name
+        METHODS[name] = cls
+        return cls
+    return wrap
+
+
+def known_methods() -> list[str]:
+    from . import finetune, zeroshot  # noqa: F401  (the built-in methods register on import)
+
+    return sorted(METHODS)
+
+
+def method_class(name: str) -> type["ContinualMethod"]:
+    known = known_methods()
+    if name not in METHODS:
+        raise UserError(f"unknown method '{name}'; known: {', '.join(known)}")
+    return METHODS[name]
+
+
+@dataclass
+class Batch:
+    """A training or evaluation batch. `index` are the images' positions in `source`, so a method
+    can look up per-image cached data (attribute matches, frozen features)."""
+
+    images: torch.Tensor | None  # [B, 3, H, W], preprocessed; None when the method works on features
+    targets: torch.Tensor  # [B] global class indices
+    index: torch.Tensor  # [B] positions in the source
+    source: object = None
+    features: torch.Tensor | None = None  # frozen CLIP features, for methods with `uses_frozen_features`
+
+
+@dataclass
+class StepData:
+    """What a method may know about a step: its classes as global indices and its training data."""
+
+    index: int
+    step: object  # scenario.Step
+    classes: torch.Tensor  # global class indices of the step (training vocabulary)
+    seen_classes: torch.Tensor  # global class indices of every step <= this one
+    train_source: object = None
+    extra: dict = field(default_factory=dict)
+
+
+class ContinualMethod(nn.Module):
+    name: ClassVar[str] = ""
+    trains: ClassVar[bool] = True  # False: no optimisation (zeroshot)
+    uses_frozen_features: ClassVar[bool] = False  # True: batches carry cached frozen features, not images
+    default_templates: ClassVar[tuple[str, ...]] = ("a photo of a {}.",)
+
+    def __init__(self, clip, text: torch.Tensor, options: dict):
+        """`clip` is a loaded backbone (frozen); `text` [C, D] the class text embeddings t_c of
+        every class of the scenario, in global class order."""
+        super().__init__()
+        self.clip = clip
+        self.register_buffer("text", text, persistent=False)
+        self.options = dict(options)
+
+    # -- the contract ---------------------------------------------------------------------------
+    def begin_step(self, t: int, data: StepData) -> None:
+        pass
+
+    def forward(self, batch: Batch, data: StepData) -> torch.Tensor:
+        """The training loss: cross-entropy over the step's vocabulary by default."""
+        logits = self.logits(self.encode(batch), data.classes)
+        targets = _positions(batch.targets, data.classes)
+        return nn.functional.cross_entropy(logits, targets, label_smoothing=float(self.options.get("label_smoothing", 0.0)))
+
+    def end_step(self, t: int, data: StepData) -> None:
+        pass
+
+    def encode(self, batch: Batch) -> torch.Tensor:
+        raise NotImplementedError
+
+    def logits(self, features: torch.Tensor, classes: torch.Tensor) -> torch.Tensor:
+        return 100.0 * features @ self.text[classes].to(features.dtype).T
+
+    # -- checkpoint state -----------------------------------------------------------------------
+    def trainable_state(self) -> dict[str, torch.Tensor]:
+        """Every tensor the method owns (parameters and buffers). The backbone is not a submodule
+        of the method, so its frozen weights never enter a checkpoint."""
+        state = {}
+        for name, tensor in list(self.named_parameters()) + list(self.named_buffers()):
+            if name == "text":  # derived from the backbone and the scenario
+                continue
+            state[name] = tensor.detach().cpu().contiguous().clone()
+        return state
+
+    def load_trainable_state(self, state: dict[str, torch.Tensor]) -> None:
+        own = self.trainable_state()
+        missing, unexpected = set(own) - set(state), set(state) - set(own)
+        if missing or unexpected:
+            raise UserError(f"checkpoint does not fit method {self.name} (missing {sorted(missing)[:3]}, "
+                            f"unexpected {sorted(unexpected)[:3]}); start a new --out directory")
+        tensors = dict(self.named_parameters()) | dict(self.named_buffers())
+        with torch.no_grad():
+            for name, value in state.items():
+                tensors[name].copy_(value.to(tensors[name].device, tensors[name].dtype))
+
+    def extra_state(self) -> dict:
+        return {}
+
+    def load_extra_state(self, state: dict) -> None:
+        pass
+
+    def statistics(self) -> dict:
+        """Per-step figures the run records (e.g. expert usage); JSON-serialisable."""
+        return {}
+
+
+def _positions(targets: torch.Tensor, classes: torch.Tensor) -> torch.Tensor:
+    """Global class indices -> positions within `classes` (every target must be in it)."""
+    lookup = torch.full((int(classes.max()) + 1,), -1, dtype=torch.long, device=classes.device)
+    lookup[classes] = torch.arange(len(classes), device=classes.device)
+    return lookup[targets]
