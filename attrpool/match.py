@@ -4,6 +4,8 @@ kind or class, by exact scoring of just those)."""
 
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
 from dataclasses import dataclass, field
 
@@ -36,7 +38,7 @@ class PoolAttributes:
     sources: list[list[str]]
     index: object
     source_kinds: dict[str, str] = field(default_factory=dict)
-    fingerprint: str = ""  # changes whenever the pool's attributes do
+    fingerprint: str = ""  # identifies the attribute set: texts, kinds, embeddings (see content_fingerprint)
 
     @classmethod
     def load(cls, pool) -> "PoolAttributes":
@@ -49,7 +51,6 @@ class PoolAttributes:
                                      "ORDER BY attribute_id, source_name").fetchall()
             blob = store.con.execute("SELECT blob FROM faiss_index WHERE name = 'attributes'").fetchone()[0]
             backbone = BackboneSpec(store.meta("backbone_model"), store.meta("backbone_pretrained") or None)
-            fingerprint = store.meta("derived_fingerprint") or ""
         finally:
             store.close()
         sources: list[list[str]] = [[] for _ in rows]
@@ -57,9 +58,10 @@ class PoolAttributes:
         for attr_id, kind, name in prov:
             sources[attr_id].append(name)
             source_kinds[name] = kind
-        return cls(backbone, [r[2] for r in rows], np.array([r[1] for r in rows]),
-                   np.asarray([r[3] for r in rows], dtype=np.float32), sources, deserialize_index(blob), source_kinds,
-                   fingerprint)
+        texts, kinds = [r[2] for r in rows], np.array([r[1] for r in rows])
+        embeddings = np.asarray([r[3] for r in rows], dtype=np.float32)
+        return cls(backbone, texts, kinds, embeddings, sources, deserialize_index(blob), source_kinds,
+                   content_fingerprint(texts, kinds, embeddings))
 
     def require_backbone(self, backbone: BackboneSpec | None, pool) -> None:
         """A --clip-model the user gave must be the pool's own (None: use the pool's)."""
@@ -98,6 +100,16 @@ class PoolAttributes:
             ids, scores = candidates[local], np.take_along_axis(sub, local, axis=1)
         return [[Match(self.texts[i], float(s), str(self.kinds[i]), self.sources[i])
                  for i, s in zip(row_ids, row_scores) if i >= 0] for row_ids, row_scores in zip(ids, scores)]
+
+
+def content_fingerprint(texts: list[str], kinds: np.ndarray, embeddings: np.ndarray) -> str:
+    """What cached matches depend on: attribute ids, texts, kinds and vectors. Two pools (or a pool
+    deleted and built again) share it only when they would give the same matches; the pool's own
+    derivation fingerprint is not enough, as it names LLM calls by ids that restart in a new file."""
+    h = hashlib.sha256()
+    h.update(json.dumps([texts, [str(k) for k in kinds]], ensure_ascii=False).encode())
+    h.update(np.ascontiguousarray(embeddings, dtype=np.float32).tobytes())
+    return h.hexdigest()
 
 
 @dataclass

