@@ -34,6 +34,8 @@ test: venv browser
 bench: venv
 	$(BIN)/python benchmarks/bench_attrs_build.py
 	$(BIN)/python benchmarks/bench_dedupe.py
+	$(BIN)/python benchmarks/bench_match.py
+	$(BIN)/python benchmarks/bench_train.py
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache

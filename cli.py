@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import logging
 import sys
+import time
 from pathlib import Path
 from typing import Annotated, Optional
 
@@ -21,13 +22,16 @@ attrs_app = typer.Typer(no_args_is_help=True, help="Build and inspect attribute 
 app.add_typer(attrs_app, name="attrs")
 scenario_app = typer.Typer(no_args_is_help=True, help="Continual-learning scenarios: presets and files.")
 app.add_typer(scenario_app, name="scenario")
+backbone_app = typer.Typer(no_args_is_help=True, help="Built-in offline CLIP backbones.")
+app.add_typer(backbone_app, name="backbone")
 
 out = Console()
 err = Console(stderr=True)
 
 PoolOpt = Annotated[Path, typer.Option("--pool", help="Attribute pool file (DuckDB).")]
 ClipModelOpt = Annotated[Optional[str], typer.Option(
-    "--clip-model", help="open_clip model name (default ViT-B-16) or a built-in offline one: uniil-tiny.")]
+    "--clip-model", help="open_clip model name (default ViT-B-16) or a built-in offline one: uniil-micro "
+                         "(trained on the synthetic world on first use), uniil-tiny (random weights).")]
 ClipPretrainedOpt = Annotated[Optional[str], typer.Option(
     "--clip-pretrained", help="open_clip pretrained tag (default openai), a checkpoint path, or 'none'.")]
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print JSON instead of a table.")]
@@ -81,6 +85,19 @@ class RichProgress:
     def print(self, text: str) -> None:
         """A line above the bars."""
         self._bars.console.print(text, markup=False, highlight=False, soft_wrap=True)
+
+
+def _ensure_backbone(model: Optional[str], pretrained: Optional[str] = None) -> None:
+    """Trained built-in backbones train once on first use: show it with progress bars."""
+    from .backbones.spec import BackboneSpec
+
+    spec = BackboneSpec.from_options(model, pretrained)
+    weights = spec.trained_weights()
+    if weights is not None and not weights.exists():  # checked without importing torch
+        from .backbones.factory import ensure_trained
+
+        with RichProgress(keep_finished=False) as progress:
+            ensure_trained(spec, progress)
 
 
 def _split(value: Optional[str]) -> Optional[list[str]]:
@@ -141,6 +158,7 @@ def attrs_build(
 
     if retries < 1:
         raise UserError("--retries must be at least 1")
+    _ensure_backbone(clip_model, clip_pretrained)
     cfg = BuildConfig(
         pool=pool, names=resolve_names(dataset, classes, _split(domains)),
         llm=LLMSpec.from_options(llm, llm_url, llm_model, api_key_env, structured),
@@ -292,8 +310,11 @@ def attrs_match(
         raise UserError("--limit must be at least 1")
     if cache and (images or limit):
         raise UserError("--cache works on a whole dataset split: give --dataset NAME without --limit")
+    if cache and (kind != "all" or classes or html_out):
+        raise UserError("--cache stores the unfiltered top-k of a whole split: drop --kind, --classes and --html "
+                        "(or drop --cache to see filtered matches)")
     source = image_files(images) if images else dataset_images(dataset, split, domain, data_root, limit)
-    backbone = BackboneSpec.from_options(clip_model, clip_pretrained) if clip_model else None
+    backbone = BackboneSpec.from_options(clip_model, clip_pretrained) if (clip_model or clip_pretrained) else None
     if cache:
         _match_cached(pool, source, top_k, backbone, device, as_json)
         return
@@ -389,6 +410,29 @@ def attrs_eval(
     out.print(t)
 
 
+@backbone_app.command("build")
+def backbone_build(
+    name: Annotated[str, typer.Argument(help="A trained built-in backbone: uniil-micro.")],
+    force: Annotated[bool, typer.Option(help="Train again even if cached weights exist.")] = False,
+):
+    """Train a built-in offline backbone now (it otherwise trains on first use) and cache it."""
+    from .backbones.spec import TRAINED_BUILTINS, BackboneSpec
+
+    if name not in TRAINED_BUILTINS:
+        raise UserError(f"unknown trained backbone '{name}'; built in: {', '.join(TRAINED_BUILTINS)}")
+    spec = BackboneSpec.from_options(name, None)
+    weights = spec.trained_weights()
+    if weights.exists() and not force:
+        out.print(f"{name} is already trained: {weights} (--force trains it again)", markup=False, highlight=False)
+        return
+    from .backbones.micro_train import train_and_cache
+
+    start = time.perf_counter()
+    with RichProgress(keep_finished=False) as progress:
+        path = train_and_cache(progress=progress)
+    out.print(f"trained {name} in {time.perf_counter() - start:.0f} s: {path}", markup=False, highlight=False)
+
+
 @scenario_app.command("show")
 def scenario_show(name: Annotated[str, typer.Argument(help="A preset name or a scenario YAML file.")],
                   as_json: JsonOpt = False):
@@ -468,6 +512,7 @@ def train(
 
     global _interrupt_hint
     _interrupt_hint = f"interrupted; finished steps are kept in {out}: rerun the same command with --resume to continue"
+    _ensure_backbone(clip_model, clip_pretrained)
     cfg = TrainConfig(scenario, method, out, pool, clip_model, clip_pretrained, epochs, iters, batch_size, lr,
                       weight_decay, warmup, seed, device, precision, data_root, download, train_per_class,
                       test_per_class, workers, resume, _method_options(opt))
@@ -534,6 +579,7 @@ def demo(
 
     pool = workdir / "synthetic.duckdb"
     spec = BackboneSpec.from_options(clip_model, None)
+    _ensure_backbone(clip_model)
     out.rule(f"uniil demo 1/3: attribute pool for the synthetic dataset (embedded LLM, {clip_model})")
     cfg = BuildConfig(pool=pool, names=resolve_names("synthetic"), llm=LLMSpec.from_options(llm, None, None, None),
                       backbone=spec, concurrency=1)

@@ -58,13 +58,35 @@ class Backbone:
         return np.concatenate(out) if out else np.zeros((0, self.dim), np.float32)
 
 
-def load_backbone(spec: BackboneSpec, device: str = "cpu") -> Backbone:
+def ensure_trained(spec: BackboneSpec, progress=None) -> None:
+    """Train a trained built-in backbone now if its cached weights are missing (once per machine)."""
+    if spec.model == "uniil-micro":
+        from . import micro
+
+        if not micro.weights_path().exists():
+            from .micro_train import train_and_cache
+
+            log.warning("training uniil-micro once (a few minutes on CPU); later uses load it from %s",
+                        micro.weights_path())
+            train_and_cache(progress=progress)
+
+
+def load_backbone(spec: BackboneSpec, device: str = "cpu", progress=None) -> Backbone:
+    if spec.model == "uniil-micro":
+        from . import micro
+
+        ensure_trained(spec, progress)
+        model = micro.load_model(device)
+        for p in model.parameters():
+            p.requires_grad_(False)
+        return Backbone(spec, model, micro.preprocess(), micro.tokenizer(), micro.MicroConfig().embed_dim,
+                        torch.device(device))
     _register_builtin_configs()
     if spec.model not in open_clip.list_models():
         some = ", ".join(open_clip.list_models()[:6])
         raise UserError(f"unknown CLIP model '{spec.model}'; use an open_clip name (e.g. ViT-B-16; "
                         f"`python -c 'import open_clip; print(open_clip.list_models())'` lists them: {some}, ...) "
-                        "or a built-in offline one: uniil-tiny")
+                        "or a built-in offline one: uniil-micro (trained on the synthetic world), uniil-tiny (random)")
     pretrained = None if spec.is_builtin or spec.pretrained == "none" else spec.pretrained
     # open_clip logs "initialized randomly" (here the intent) and download errors (we report them as
     # one line below) on the root logger.
@@ -82,7 +104,7 @@ def load_backbone(spec: BackboneSpec, device: str = "cpu") -> Backbone:
         raise UserError(f"cannot load weights '{pretrained}' for {spec.model} ({reason}); pretrained tags are "
                         "downloaded once and need network access. Offline: pass --clip-pretrained "
                         "/path/to/checkpoint.pt, or --clip-pretrained none (random weights), "
-                        "or --clip-model uniil-tiny") from None
+                        "or --clip-model uniil-micro / uniil-tiny (built in, offline)") from None
     finally:
         logging.disable(logging.NOTSET)
     model.eval()

@@ -7,7 +7,10 @@ from pathlib import Path
 
 CONFIG_DIR = Path(__file__).parent / "model_configs"
 # Built-in backbones are defined by a config in model_configs/ and a fixed seed: no download.
-BUILTIN_MODELS = tuple(sorted(p.stem for p in CONFIG_DIR.glob("*.json")))
+RANDOM_BUILTINS = tuple(sorted(p.stem for p in CONFIG_DIR.glob("*.json")))
+# Trained offline on the synthetic world on first use (backbones/micro.py); the version names the recipe.
+TRAINED_BUILTINS = {"uniil-micro": 1}
+BUILTIN_MODELS = RANDOM_BUILTINS + tuple(TRAINED_BUILTINS)
 BUILTIN_SEED = 0
 DEFAULT_MODEL = "ViT-B-16"
 DEFAULT_PRETRAINED = "openai"
@@ -39,9 +42,19 @@ class BackboneSpec:
     @property
     def id(self) -> str:
         """Stable identity recorded in pools and caches; two specs with equal ids give equal features."""
+        if self.model in TRAINED_BUILTINS:
+            return f"{self.model}@v{TRAINED_BUILTINS[self.model]}"
         if self.is_builtin:
             return f"{self.model}@seed{BUILTIN_SEED}"
         return f"{self.model}@{self.pretrained}"
+
+    def trained_weights(self) -> Path | None:
+        """Where a trained built-in backbone caches its weights (None for every other backbone)."""
+        if self.model not in TRAINED_BUILTINS:
+            return None
+        from ..attrpool.cache import cache_dir
+
+        return cache_dir() / "backbones" / f"{self.model}-v{TRAINED_BUILTINS[self.model]}.safetensors"
 
     def cli_options(self) -> str:
         if self.is_builtin:

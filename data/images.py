@@ -75,6 +75,27 @@ def image_folder(root: Path, split: str | None) -> ImageSource:
                        [c.replace("_", " ") for c in classes], root.name, split, None, key)
 
 
+def synthetic_images(name: str, split: str, domain: str | None, n_per_class: int,
+                     classes: list[str] | None = None, limit: int | None = None) -> ImageSource:
+    """A split of a rendered dataset (`synthetic`, `synthetic-colours`), optionally of some classes."""
+    from .synthetic import RENDER_VERSION, TARGET_DOMAINS, TARGETS, SyntheticDataset
+
+    target = TARGETS[name]
+    domain = domain or "photo"
+    if domain not in TARGET_DOMAINS[target]:
+        raise UserError(f"unknown {name} domain '{domain}'; use {', '.join(TARGET_DOMAINS[target])}")
+    ds = SyntheticDataset(split, domain, n_per_class=n_per_class, classes=classes, target=target)
+    n = len(ds) if limit is None else min(limit, len(ds))
+    which = "" if classes is None else ":" + ",".join(map(str, ds.labels))
+    key = f"{name}:render-v{RENDER_VERSION}:{ds.config}:n{n_per_class}:{split}:{domain}{which}" if n == len(ds) else None
+    # A whole split is in index order (row i of a cache is image i); a limit is spread over classes.
+    order = list(range(len(ds))) if n == len(ds) else \
+        sorted(range(len(ds)), key=lambda i: (i % n_per_class, i // n_per_class))[:n]
+    return ImageSource([f"{name}/{split}/{domain}/{i}" for i in order],
+                       lambda j: ds[order[j]][0], [ds.labels[i // n_per_class] for i in order], ds.classes, name,
+                       split, domain, key)
+
+
 def dataset_images(name: str, split: str = "test", domain: str | None = None, data_root: Path | None = None,
                    limit: int | None = None, download: bool = False) -> ImageSource:
     """A dataset split, labels in the registry's class order (data/names/<name>.txt).
@@ -83,22 +104,10 @@ def dataset_images(name: str, split: str = "test", domain: str | None = None, da
     data_root/<name>/ (default ./data-root): an ImageFolder layout [<domain>/]<split>/<class>/, the
     dataset's official layout (layouts.py), or torchvision's (torchvision_sets.py, which downloads
     when `download` is set)."""
-    if name == "synthetic":
-        from .synthetic import DOMAINS, RENDER_VERSION, SyntheticDataset
+    from .synthetic import TARGETS
 
-        domain = domain or "photo"
-        if domain not in DOMAINS:
-            raise UserError(f"unknown synthetic domain '{domain}'; use {', '.join(DOMAINS)}")
-        ds = SyntheticDataset(split, domain, n_per_class=SYNTHETIC_TEST_PER_CLASS)
-        n = len(ds) if limit is None else min(limit, len(ds))
-        key = (f"synthetic:render-v{RENDER_VERSION}:{ds.config}:n{ds.n_per_class}:{split}:{domain}"
-               if n == len(ds) else None)
-        # A whole split is in index order (row i of a cache is image i); a limit is spread over classes.
-        order = list(range(len(ds))) if n == len(ds) else \
-            sorted(range(len(ds)), key=lambda i: (i % ds.n_per_class, i // ds.n_per_class))[:n]
-        return ImageSource([f"synthetic/{split}/{domain}/{i}" for i in order], lambda j: ds[order[j]][0],
-                           [ds.labels[i // ds.n_per_class] for i in order], ds.classes, "synthetic", split, domain,
-                           key)
+    if name in TARGETS:
+        return synthetic_images(name, split, domain, SYNTHETIC_TEST_PER_CLASS, limit=limit)
     if Path(name).is_dir():
         return _limited(image_folder(Path(name), split), limit)
     if name not in known_datasets():

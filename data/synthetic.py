@@ -26,7 +26,7 @@ COLOURS = {"red": (220, 40, 40), "orange": (240, 140, 30), "yellow": (235, 210, 
 TEXTURES = ("solid", "striped", "dotted", "checkered")
 SIZES = {"small": 0.42, "medium": 0.6, "large": 0.78}
 DOMAINS = ("photo", "clipart", "sketch", "painting", "inverted")
-SPLIT_STREAMS = {"train": 0, "test": 1, "val": 2}
+SPLIT_STREAMS = {"train": 0, "test": 1, "val": 2, "pretrain": 3}  # pretrain: uniil-micro's own images
 RENDER_VERSION = 1  # bump when rendering changes: cached features of older renders become stale
 
 
@@ -113,8 +113,18 @@ def class_names() -> tuple[str, ...]:
     return names
 
 
-def _rng(config: SyntheticConfig, split: str, domain: str, label: int, index: int) -> np.random.Generator:
+# The synthetic datasets: what the label of an image is. `synthetic` labels the shape;
+# `synthetic-colours` (a second task on the same world) labels the shape's colour. Sketches have
+# no colour and inverted images turn colours into their complements: the colour task leaves both out.
+TARGETS = {"synthetic": "shape", "synthetic-colours": "colour"}
+TARGET_DOMAINS = {"shape": DOMAINS, "colour": ("photo", "clipart", "painting")}
+
+
+def _rng(config: SyntheticConfig, split: str, domain: str, label: int, index: int,
+         target: str = "shape") -> np.random.Generator:
     key = [config.seed, SPLIT_STREAMS[split], DOMAINS.index(domain), label, index]
+    if target != "shape":  # another dataset: other images (shape keys stay as they were)
+        key.append(list(TARGET_DOMAINS).index(target))
     return np.random.default_rng(np.random.SeedSequence(key))
 
 
@@ -223,16 +233,22 @@ def render(shape: str, colour: str, texture: str, size: str, domain: str, rng: n
 
 
 class SyntheticDataset:
-    """`n_per_class` images of each class in one domain and split; items are (PIL image, label)."""
+    """`n_per_class` images of each class in one domain and split; items are (PIL image, label).
+
+    `target` says what a class is: "shape" (the `synthetic` dataset) or "colour" (`synthetic-colours`)."""
 
     def __init__(self, split: str = "train", domain: str = "photo", n_per_class: int = 20,
-                 classes: list[str] | None = None, config: SyntheticConfig = SyntheticConfig()):
+                 classes: list[str] | None = None, config: SyntheticConfig = SyntheticConfig(),
+                 target: str = "shape"):
         if split not in SPLIT_STREAMS:
             raise ValueError(f"unknown split {split!r}; use {', '.join(SPLIT_STREAMS)}")
-        if domain not in DOMAINS:
-            raise ValueError(f"unknown synthetic domain {domain!r}; use {', '.join(DOMAINS)}")
+        if target not in TARGET_DOMAINS:
+            raise ValueError(f"unknown target {target!r}; use {', '.join(TARGET_DOMAINS)}")
+        if domain not in TARGET_DOMAINS[target]:
+            raise ValueError(f"unknown domain {domain!r} for the {target} task; use {', '.join(TARGET_DOMAINS[target])}")
         self.split, self.domain, self.n_per_class, self.config = split, domain, n_per_class, config
-        self.classes = list(class_names())
+        self.target = target
+        self.classes = list(class_names()) if target == "shape" else list(COLOURS)
         self.labels = [self.classes.index(c) for c in (classes or self.classes)]
 
     def __len__(self) -> int:
@@ -245,11 +261,14 @@ class SyntheticDataset:
 
     def render(self, i: int) -> tuple[Image.Image, SampleTruth]:
         label, k = self._item(i)
-        rng = _rng(self.config, self.split, self.domain, label, k)
-        colour = str(rng.choice(list(COLOURS)))
+        rng = _rng(self.config, self.split, self.domain, label, k, self.target)
+        if self.target == "shape":
+            shape, colour = self.classes[label], str(rng.choice(list(COLOURS)))
+        else:
+            shape, colour = str(rng.choice(list(SHAPES))), self.classes[label]
         texture = str(rng.choice(TEXTURES))
         size = str(rng.choice(list(SIZES)))
-        return render(self.classes[label], colour, texture, size, self.domain, rng, self.config)
+        return render(shape, colour, texture, size, self.domain, rng, self.config)
 
     def __getitem__(self, i: int) -> tuple[Image.Image, int]:
         return self.render(i)[0], self._item(i)[0]

@@ -79,6 +79,10 @@ def test_unreadable_images_are_reported_and_skipped(pool, images, tmp_path):
 def test_bad_pools_and_backbones(pool, images, tmp_path):
     r = run_cli("attrs", "match", images, "--pool", pool, "--clip-model", "ViT-B-32", "--clip-pretrained", "none")
     assert r.code == 1 and "built with backbone uniil-tiny@seed0" in r.err
+    r = run_cli("attrs", "match", images, "--pool", pool, "--clip-pretrained", "/no/such/checkpoint.pt")
+    assert r.code == 1 and "built with backbone uniil-tiny@seed0" in r.err  # not silently ignored
+    r = run_cli("attrs", "match", "--pool", pool, "--dataset", "synthetic", "--cache", "--kind", "class")
+    assert r.code == 1 and "drop --kind, --classes and --html" in r.err
     r = run_cli("attrs", "match", images, "--pool", tmp_path / "missing.duckdb")
     assert r.code == 1 and "not found" in r.err
     r = run_cli("attrs", "match", "--pool", pool)

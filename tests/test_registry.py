@@ -7,7 +7,8 @@ from uniil.errors import UserError
 
 COUNTS = {"cifar100": 100, "tinyimagenet": 200, "imagenet-r": 200, "domainnet": 345, "office-home": 65,
           "aircraft": 100, "caltech101": 101, "dtd": 47, "eurosat": 10, "flowers102": 102, "food101": 101,
-          "mnist": 10, "oxford_pet": 37, "stanford_cars": 196, "sun397": 397, "synthetic": 24}
+          "mnist": 10, "oxford_pet": 37, "stanford_cars": 196, "sun397": 397, "synthetic": 24,
+          "synthetic-colours": 12}
 
 
 def test_registry_has_every_dataset_with_its_class_count():

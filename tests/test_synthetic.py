@@ -3,6 +3,7 @@
 import json
 
 import numpy as np
+import pytest
 
 from uniil.data.registry import load_dataset_names
 from uniil.data.synthetic import COLOURS, DOMAINS, SIZES, TEXTURES, SyntheticConfig, SyntheticDataset
@@ -50,3 +51,21 @@ def test_export_image_folder(tmp_path):
     truth = [json.loads(line) for line in (root / "truth.jsonl").read_text().splitlines()]
     assert len(truth) == 4 and {t["shape"] for t in truth} == {"star", "right triangle"}
     assert all((root / t["path"]).exists() for t in truth)
+
+
+def test_colour_task_labels_the_colour_of_the_shape():
+    from uniil.data.images import dataset_images
+    from uniil.data.synthetic import COLOURS
+
+    ds = SyntheticDataset("test", "clipart", n_per_class=3, target="colour")
+    assert ds.classes == list(COLOURS) and len(ds) == 36
+    truths = [ds.truth(i) for i in range(len(ds))]
+    assert [t.colour for t in truths] == [c for c in COLOURS for _ in range(3)]
+    assert len({t.shape for t in truths}) > 5  # shapes vary: they are not the label here
+    with pytest.raises(ValueError, match="colour task"):
+        SyntheticDataset("test", "sketch", target="colour")  # sketches have no colour
+    src = dataset_images("synthetic-colours", "test", "photo")
+    assert src.dataset == "synthetic-colours" and src.classes == list(COLOURS) and src.cache_key
+    shape_src = dataset_images("synthetic", "test", "photo")
+    assert src.cache_key != shape_src.cache_key
+    assert not np.array_equal(np.asarray(src.load(0)), np.asarray(shape_src.load(0)))

@@ -35,18 +35,21 @@ def test_metrics_json_holds_the_full_matrix_and_the_field_metrics(finetune_run):
     run, res = finetune_run
     m = _metrics(run)
     a = m["accuracy_matrix"]
-    assert len(a) == 5 and all(len(row) == 5 for row in a) and m["finished_steps"] == 5
+    assert len(a) == 6 and all(len(row) == 6 for row in a) and m["finished_steps"] == 6
     assert all(0 <= v <= 100 for row in a for v in row)
     expected = M.summarize(a, m["test_sizes"])
     for key in ("last", "avg", "avg_incremental", "transfer", "forgetting", "bwt"):
         assert m[key] == pytest.approx(expected[key])
-    # 8, 8, 16, 8, 24 classes x 4 test images
-    assert m["test_sizes"] == [32, 32, 64, 32, 96]
-    assert [s["kind"] for s in m["steps"]] == ["base", "class", "domain", "class+domain", "domain"]
-    assert m["task_il"] is None  # one dataset: class-IL only
+    # 8, 8, 16 shapes, 12 colours, 8, 24 shapes x 4 test images
+    assert m["test_sizes"] == [32, 32, 64, 48, 32, 96]
+    assert [s["kind"] for s in m["steps"]] == ["base", "class", "domain", "task", "class+domain", "domain"]
+    # two datasets: task-IL too, where a step competes only with its own dataset's classes
+    t = m["task_il"]["accuracy_matrix"]
+    assert len(t) == 6 and m["task_il"]["last"] == pytest.approx(M.last(t))
+    assert all(t[j][i] >= a[j][i] for j in range(6) for i in range(6))  # a smaller vocabulary never hurts
     assert m["versions"]["torch"] and m["config"]["method"] == "finetune"
-    assert len(m["timings"]["train_s"]) == 5
-    assert "step 5/5 [domain] synthetic/painting" in res.err  # one summary line per step
+    assert len(m["timings"]["train_s"]) == 6
+    assert "step 6/6 [domain] synthetic/painting" in res.err  # one summary line per step
 
 
 def test_checkpoints_are_safetensors_of_the_adapters_only(finetune_run):
@@ -54,7 +57,7 @@ def test_checkpoints_are_safetensors_of_the_adapters_only(finetune_run):
 
     run, _ = finetune_run
     files = sorted((run / "checkpoints").glob("*.safetensors"))
-    assert [f.name for f in files] == [f"step-{i:03d}.safetensors" for i in range(1, 6)]
+    assert [f.name for f in files] == [f"step-{i:03d}.safetensors" for i in range(1, 7)]
     tensors = load_file(str(files[-1]))
     assert tensors and all(k.startswith("adapters.") for k in tensors)
     first = load_file(str(files[0]))
@@ -88,13 +91,13 @@ def test_ctrl_c_then_resume_ends_like_an_uninterrupted_run(finetune_run, tmp_pat
     assert proc.returncode == 130, err
     assert "Traceback" not in err and "--resume" in err
     m = _metrics(resumed)
-    assert 2 <= m["finished_steps"] < 5 and m["last"] is None  # partial, metrics not yet defined
+    assert 2 <= m["finished_steps"] < 6 and m["last"] is None  # partial, metrics not yet defined
     res = run_cli("train", *FAST, "--method", "finetune", "--out", resumed, "--resume")
     assert res.code == 0, res.err
     assert _metrics(resumed)["accuracy_matrix"] == _metrics(run)["accuracy_matrix"]
     # resuming a finished run trains nothing and keeps the result
     assert run_cli("train", *FAST, "--method", "finetune", "--out", resumed, "--resume").code == 0
-    assert _metrics(resumed)["finished_steps"] == 5
+    assert _metrics(resumed)["finished_steps"] == 6
 
 
 def test_zeroshot_reads_cached_features(tmp_path, monkeypatch):
@@ -103,10 +106,10 @@ def test_zeroshot_reads_cached_features(tmp_path, monkeypatch):
     assert res.code == 0, res.err
     m = _metrics(tmp_path / "zs")
     a = m["accuracy_matrix"]
-    # no training: a step's accuracy changes only with the vocabulary it competes in. Steps 2 and 3
+    # no training: a step's accuracy changes only with the vocabulary it competes in. Steps 3 and 6
     # add no class (same vocabulary as the step before), so their rows repeat the previous ones.
-    assert a[2][:2] == a[1][:2] and a[4] == a[3]
-    assert a[0][0] >= a[1][0]  # more classes to confuse with never helps a frozen model
+    assert a[2][:2] == a[1][:2] and a[5] == a[4]
+    assert a[0][0] >= a[1][0] >= a[4][0]  # more classes to confuse with never helps a frozen model
     assert list((tmp_path / "cache" / "features").rglob("features.npy"))  # per (backbone, split) cache
     again = run_cli("train", *FAST, "--method", "zeroshot", "--out", tmp_path / "zs2")
     assert again.code == 0 and _metrics(tmp_path / "zs2")["accuracy_matrix"] == a

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ..data.images import ImageSource, dataset_images
+from ..data.images import ImageSource, dataset_images, synthetic_images
 
 log = logging.getLogger(__name__)
 
@@ -51,23 +51,14 @@ class DataOptions:
 
 def step_source(step, split: str, opts: DataOptions) -> ImageSource:
     """The images of one step's classes and domain in one split, labels as dataset label indices."""
-    if step.dataset == "synthetic":
-        return _synthetic(step, split, opts)
+    from ..data.synthetic import TARGETS
+
+    if step.dataset in TARGETS:  # rendered: only the step's classes, as many per class as asked
+        n = opts.synthetic_train_per_class if split == "train" else opts.synthetic_test_per_class
+        return synthetic_images(step.dataset, split, step.domain, n, classes=list(step.classes))
     full = dataset_images(step.dataset, split, step.domain if step.domain != "default" else None,
                           opts.data_root, None, download=opts.download)
     return subset(full, set(step.labels))
-
-
-def _synthetic(step, split: str, opts: DataOptions) -> ImageSource:
-    from ..data.synthetic import RENDER_VERSION, SyntheticDataset
-
-    n = opts.synthetic_train_per_class if split == "train" else opts.synthetic_test_per_class
-    ds = SyntheticDataset(split, step.domain, n_per_class=n, classes=list(step.classes))
-    key = (f"synthetic:render-v{RENDER_VERSION}:{ds.config}:n{n}:{split}:{step.domain}:"
-           f"{','.join(map(str, step.labels))}")
-    return ImageSource([f"synthetic/{split}/{step.domain}/{ds.labels[i // n]}/{i % n}" for i in range(len(ds))],
-                       lambda i: ds[i][0], [ds.labels[i // n] for i in range(len(ds))], ds.classes,
-                       "synthetic", split, step.domain, key)
 
 
 def subset(src: ImageSource, labels: set[int]) -> ImageSource:

