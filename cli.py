@@ -505,6 +505,11 @@ def train(
     workers: Annotated[int, typer.Option(help="DataLoader workers for datasets too large to keep in memory.")] = 0,
     resume: Annotated[bool, typer.Option(help="Continue the run in --out after its last finished step.")] = False,
     opt: Annotated[list[str], typer.Option("--opt", help="Method option key=value (repeatable).")] = [],
+    no_attributes: Annotated[bool, typer.Option("--no-attributes", help="mage ablation: z = 0 (a shared-router MoE).")] = False,
+    attr_kind: Annotated[Optional[str], typer.Option(help="mage: attributes that route: class, domain or both.")] = None,
+    attr_topk: Annotated[Optional[int], typer.Option(help="mage: attributes matched per image.")] = None,
+    no_selector: Annotated[bool, typer.Option("--no-selector", help="mage ablation: no zero-shot selector.")] = False,
+    beta: Annotated[Optional[float], typer.Option(help="mage / zeroshot: weight of the attribute mean in prototypes.")] = None,
 ):
     """Continual learning over a scenario; writes OUT/metrics.json and a checkpoint after every step."""
     from .trainer.config import TrainConfig
@@ -512,10 +517,19 @@ def train(
 
     global _interrupt_hint
     _interrupt_hint = f"interrupted; finished steps are kept in {out}: rerun the same command with --resume to continue"
+    options = _method_options(opt)
+    flags = {"no_attributes": no_attributes or None, "attr_kind": attr_kind, "attr_topk": attr_topk,
+             "no_selector": no_selector or None, "beta": beta}
+    given = {k: v for k, v in flags.items() if v is not None}
+    stray = [k for k in given if k not in {"mage": set(flags), "zeroshot": {"beta"}}.get(method, set())]
+    if stray:
+        raise UserError(f"--{stray[0].replace('_', '-')} is an option of --method mage"
+                        f"{' and zeroshot' if stray[0] == 'beta' else ''}; drop it for --method {method}")
+    options.update(given)
     _ensure_backbone(clip_model, clip_pretrained)
     cfg = TrainConfig(scenario, method, out, pool, clip_model, clip_pretrained, epochs, iters, batch_size, lr,
                       weight_decay, warmup, seed, device, precision, data_root, download, train_per_class,
-                      test_per_class, workers, resume, _method_options(opt))
+                      test_per_class, workers, resume, options)
     with RichProgress(keep_finished=False) as progress:
         run_training(cfg, progress, on_step=lambda s: progress.print(_step_line(s)))
     from .trainer.report import load_run
@@ -555,18 +569,28 @@ def report(
     out.print(f"report: {html}", markup=False, highlight=False)
 
 
-DEMO_METHODS = ("zeroshot", "finetune")
+# The demo's runs on synthetic-uniil: (run name, method, method options).
+DEMO_RUNS = (
+    ("zeroshot", "zeroshot", {}),
+    ("zeroshot-descriptions", "zeroshot", {"prototypes": "descriptions"}),
+    ("finetune", "finetune", {}),
+    ("moe-adapters", "moe-adapters", {}),
+    ("mage", "mage", {}),
+    ("mage-no-attributes", "mage", {"no_attributes": True}),
+    ("calfuse", "calfuse", {}),
+)
+DEMO_DATASETS = ("synthetic", "synthetic-colours")
 
 
 @app.command("demo")
 def demo(
     workdir: Annotated[Path, typer.Option(help="Where the demo writes its pool, runs and report.")] = Path("demo-out"),
     llm: Annotated[str, typer.Option(help="LLM for the pool (default: the embedded offline model).")] = "local",
-    clip_model: Annotated[str, typer.Option("--clip-model", help="Backbone of the demo.")] = "uniil-tiny",
+    clip_model: Annotated[str, typer.Option("--clip-model", help="Backbone of the demo.")] = "uniil-micro",
     epochs: Annotated[int, typer.Option(help="Training epochs per step.")] = 2,
 ):
-    """The main job on embedded defaults, offline: an attribute pool for the synthetic dataset, then
-    every method on the synthetic-uniil scenario, compared in one report."""
+    """The main job on embedded defaults, offline: an attribute pool for the synthetic world, then
+    each method on the synthetic-uniil scenario, compared in one report."""
     from .attrpool.build import BuildConfig, build_pool
     from .attrpool.llm import LLMSpec
     from .attrpool.match import match_images
@@ -580,15 +604,15 @@ def demo(
     pool = workdir / "synthetic.duckdb"
     spec = BackboneSpec.from_options(clip_model, None)
     _ensure_backbone(clip_model)
-    out.rule(f"uniil demo 1/3: attribute pool for the synthetic dataset (embedded LLM, {clip_model})")
-    cfg = BuildConfig(pool=pool, names=resolve_names("synthetic"), llm=LLMSpec.from_options(llm, None, None, None),
-                      backbone=spec, concurrency=1)
-    with RichProgress() as progress:
-        report = build_pool(cfg, progress)
-    _print_report(report)
+    out.rule(f"uniil demo 1/3: attribute pool for the synthetic world (embedded LLM, {clip_model})")
+    for dataset in DEMO_DATASETS:
+        cfg = BuildConfig(pool=pool, names=resolve_names(dataset), llm=LLMSpec.from_options(llm, None, None, None),
+                          backbone=spec, concurrency=1)
+        with RichProgress() as progress:
+            _print_report(build_pool(cfg, progress))
     found = _attributes(pool, None, None)
     t = Table("source", "attributes", title="a few classes and domains")
-    for src in ["star", "lightning bolt", "heart", "sketch", "inverted"]:
+    for src in ["star", "lightning bolt", "heart", "red", "sketch", "inverted"]:
         t.add_row(src, "; ".join(found.get(src, [])))
     out.print(t)
 
@@ -601,12 +625,13 @@ def demo(
 
     out.rule("uniil demo 3/3: continual learning on synthetic-uniil (uniil train), compared (uniil report)")
     runs = []
-    for method in DEMO_METHODS:
-        run_dir = workdir / "runs" / method
+    for name, method, options in DEMO_RUNS:
+        run_dir = workdir / "runs" / name
         tcfg = TrainConfig("synthetic-uniil", method, run_dir, pool=pool, clip_model=clip_model, epochs=epochs,
-                           resume=(run_dir / "config.json").exists())
-        out.print(f"uniil train --scenario synthetic-uniil --method {method} --pool {pool} --clip-model {clip_model} "
-                  f"--epochs {epochs} --out {run_dir}", markup=False, highlight=False)
+                           resume=(run_dir / "config.json").exists(), method_options=dict(options))
+        opts = "".join(f" --opt {k}={json.dumps(v) if isinstance(v, bool) else v}" for k, v in options.items())
+        out.print(f"uniil train --scenario synthetic-uniil --method {method}{opts} --pool {pool} "
+                  f"--clip-model {clip_model} --epochs {epochs} --out {run_dir}", markup=False, highlight=False)
         with RichProgress(keep_finished=False) as progress:
             run_training(tcfg, progress, on_step=lambda s: progress.print(_step_line(s)))
         runs.append(run_dir)

@@ -32,12 +32,12 @@ VERSION = TRAINED_BUILTINS[NAME]  # bump (in spec.py) whenever the architecture,
 
 @dataclass(frozen=True)
 class MicroConfig:
-    image_size: int = 32
+    image_size: int = 64
     width: int = 128
     layers: int = 3
     heads: int = 4
     embed_dim: int = 256
-    stem_channels: tuple[int, ...] = (32, 64, 96, 128, 128)  # five 3x3 convs; three of them halve the grid
+    stem_channels: tuple[int, ...] = (48, 64, 96, 128, 128)  # 4x4 patchify, then four 3x3 convs
     context_length: int = 32
 
 
@@ -50,15 +50,19 @@ def minilm_path() -> str:
 
 
 class ConvStem(nn.Module):
-    """3 x H x W -> width x H/8 x W/8, replacing a ViT's 8x8 patch embedding (same output grid).
+    """3 x H x W -> width x H/16 x W/16, replacing a ViT's 16x16 patch embedding (same output grid).
 
-    Five 3x3 convolutions with batch norm do the local shape work; the transformer blocks after
-    them see a 4x4 grid (at 32 px), which keeps them cheap."""
+    A lossless 4x4 patchify (48 channels for 48 pixel values) keeps the renderer's full 64 px
+    (32 px loses the corners that tell a pentagon from a hexagon) at little cost; four 3x3
+    convolutions with batch norm then do the local shape work, and the transformer blocks after
+    them see a 4x4 grid, which keeps them cheap."""
 
     def __init__(self, channels: tuple[int, ...], width: int):
         super().__init__()
-        layers, c_in = [], 3
-        for c_out, stride in zip(channels, (2, 1, 2, 1, 2)):
+        c0, *rest = channels
+        layers = [nn.Conv2d(3, c0, 4, stride=4, bias=False), nn.BatchNorm2d(c0), nn.GELU()]
+        c_in = c0
+        for c_out, stride in zip(rest, (1, 2, 1, 2)):
             layers += [nn.Conv2d(c_in, c_out, 3, stride=stride, padding=1, bias=False), nn.BatchNorm2d(c_out),
                        nn.GELU()]
             c_in = c_out
@@ -74,7 +78,7 @@ def build_model(cfg: MicroConfig = MicroConfig()) -> nn.Module:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     path = minilm_path()
     vision = open_clip.CLIPVisionCfg(layers=cfg.layers, width=cfg.width, head_width=cfg.width // cfg.heads,
-                                     patch_size=8, image_size=cfg.image_size)
+                                     patch_size=16, image_size=cfg.image_size)
     text = open_clip.CLIPTextCfg(context_length=cfg.context_length, hf_model_name=path, hf_tokenizer_name=path,
                                  hf_model_pretrained=True, hf_proj_type="linear", hf_pooler_type="mean_pooler")
     logging.disable(logging.WARNING)  # transformers' load report

@@ -52,10 +52,10 @@ TEMPLATES = (
 
 @dataclass(frozen=True)
 class Recipe:
-    images: int = 28_000  # rendered once, reused every epoch
+    images: int = 20_000  # rendered once, reused every epoch
     held_out_fraction: float = 0.15
     held_in_weights: tuple[float, float] = (0.65, 0.35)  # photo, clipart
-    epochs: int = 7
+    epochs: int = 14
     batch_size: int = 128
     lr: float = 4e-3
     weight_decay: float = 0.05

@@ -9,7 +9,8 @@ CONFIG_DIR = Path(__file__).parent / "model_configs"
 # Built-in backbones are defined by a config in model_configs/ and a fixed seed: no download.
 RANDOM_BUILTINS = tuple(sorted(p.stem for p in CONFIG_DIR.glob("*.json")))
 # Trained offline on the synthetic world on first use (backbones/micro.py); the version names the recipe.
-TRAINED_BUILTINS = {"uniil-micro": 1}
+TRAINED_BUILTINS = {"uniil-micro": 2}
+BACKBONE_DIR_ENV = "UNIIL_BACKBONE_DIR"  # where trained built-ins live (default: <cache dir>/backbones)
 BUILTIN_MODELS = RANDOM_BUILTINS + tuple(TRAINED_BUILTINS)
 BUILTIN_SEED = 0
 DEFAULT_MODEL = "ViT-B-16"
@@ -52,9 +53,12 @@ class BackboneSpec:
         """Where a trained built-in backbone caches its weights (None for every other backbone)."""
         if self.model not in TRAINED_BUILTINS:
             return None
+        import os
+
         from ..attrpool.cache import cache_dir
 
-        return cache_dir() / "backbones" / f"{self.model}-v{TRAINED_BUILTINS[self.model]}.safetensors"
+        folder = Path(os.environ[BACKBONE_DIR_ENV]) if os.environ.get(BACKBONE_DIR_ENV) else cache_dir() / "backbones"
+        return folder / f"{self.model}-v{TRAINED_BUILTINS[self.model]}.safetensors"
 
     def cli_options(self) -> str:
         if self.is_builtin:

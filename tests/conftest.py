@@ -20,6 +20,8 @@ from llm_server import FakeLLMServer  # noqa: E402
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("COLUMNS", "200")  # rich tables unwrapped, so tests can read them
+# uniil-micro trains once per machine; tests that point UNIIL_CACHE_DIR elsewhere still share it.
+os.environ.setdefault("UNIIL_BACKBONE_DIR", str(Path.home() / ".cache" / "uniil" / "backbones"))
 
 
 @dataclass

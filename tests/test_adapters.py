@@ -65,12 +65,15 @@ def test_top_k_gates_pick_k_experts_and_sum_to_one(clip):
     assert load_balancing_loss(ctx.gates, 6) >= 0
 
 
-def test_batched_dispatch_equals_a_loop_over_experts():
+@pytest.mark.parametrize("strategy", ["forward", "_gathered", "_grouped"])
+@pytest.mark.parametrize("tokens", [7, 70])
+def test_batched_dispatch_equals_a_loop_over_experts(strategy, tokens):
     torch.manual_seed(0)
     bank = ExpertBank(16, 5, rank=4, scale=0.1)
     torch.nn.init.normal_(bank.up)
     torch.nn.init.normal_(bank.up_bias)
-    x = torch.randn(3, 7, 16)
+    torch.nn.init.normal_(bank.down_bias)
+    x = torch.randn(3, tokens, 16)
     weights = torch.rand(3, 2).softmax(-1)
     indices = torch.tensor([[0, 4], [2, 1], [3, 0]])
     expected = torch.zeros_like(x)
@@ -79,7 +82,11 @@ def test_batched_dispatch_equals_a_loop_over_experts():
             e = int(indices[b, k])
             h = torch.relu(x[b] @ bank.down[e] + bank.down_bias[e])
             expected[b] += weights[b, k] * 0.1 * (h @ bank.up[e] + bank.up_bias[e])
-    assert torch.allclose(bank(x, weights, indices), expected, atol=1e-5)
+    if strategy == "forward":
+        got = bank(x, weights, indices)
+    else:
+        got = getattr(bank, strategy)(x, 0.1 * weights, indices, bank.tensors())
+    assert torch.allclose(got, expected, atol=1e-5)
 
 
 def test_adapters_run_under_bf16_autocast(clip):

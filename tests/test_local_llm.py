@@ -95,12 +95,14 @@ def test_demo_builds_the_synthetic_pool_offline(cli, tmp_path, monkeypatch):
     r = cli("demo", "--workdir", tmp_path / "demo")
     assert r.code == 0, r.err
     s = json.loads(cli("attrs", "stats", "--pool", tmp_path / "demo" / "synthetic.duckdb", "--json").out)
-    assert (s["classes"], s["domains"], s["failed_calls"]) == (24, 5, 0) and s["llm_calls"] == 24 * 3 + 5
+    assert (s["classes"], s["domains"], s["failed_calls"]) == (24 + 12, 5, 0)  # shapes and colours
     assert "synthetic/test/sketch/0" in r.out  # the match step ran on rendered images
-    for method in ("zeroshot", "finetune"):  # every method trained on synthetic-uniil and compared
-        m = json.loads((tmp_path / "demo" / "runs" / method / "metrics.json").read_text())
-        assert m["finished_steps"] == 5 and m["last"] is not None
-        assert method in r.out
+    from uniil.cli import DEMO_RUNS
+
+    for name, _, _ in DEMO_RUNS:  # every method trained on synthetic-uniil and compared
+        m = json.loads((tmp_path / "demo" / "runs" / name / "metrics.json").read_text())
+        assert m["finished_steps"] == 6 and m["last"] is not None
+        assert name in r.out
     assert (tmp_path / "demo" / "report" / "report.html").stat().st_size > 10_000
     again = cli("demo", "--workdir", tmp_path / "demo")  # a rerun reuses the pool and the finished runs
     assert again.code == 0 and "HTTP requests made" in again.out

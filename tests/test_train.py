@@ -169,3 +169,24 @@ def test_ddp_on_two_cpu_processes_matches_one_process(finetune_run, tmp_path):
     assert _metrics(ddp)["test_sizes"] == _metrics(run)["test_sizes"]  # every test image counted once
     # the same updates up to float summation order: at most a couple of borderline predictions move
     assert max(abs(x - y) for ra, rb in zip(a, b) for x, y in zip(ra, rb)) <= 6.25
+
+
+def test_description_zero_shot_through_the_engine(tmp_path, llm_server):
+    """zeroshot with the pool's attributes as class prototypes (classification by description)."""
+    from conftest import server_args
+
+    pool = tmp_path / "p.duckdb"
+    for dataset in ("synthetic", "synthetic-colours"):  # one pool can hold several datasets
+        assert run_cli("attrs", "build", "--dataset", dataset, "--pool", pool, *server_args(llm_server)).code == 0
+    res = run_cli("train", *FAST, "--method", "zeroshot", "--out", tmp_path / "plain")
+    runs = {}
+    for kind in ("descriptions", "enriched"):
+        runs[kind] = tmp_path / kind
+        res = run_cli("train", *FAST, "--method", "zeroshot", "--pool", pool, "--opt", f"prototypes={kind}",
+                      "--out", runs[kind])
+        assert res.code == 0, res.err
+    a = {k: _metrics(v)["accuracy_matrix"] for k, v in runs.items()}
+    assert a["descriptions"] != _metrics(tmp_path / "plain")["accuracy_matrix"]
+    assert a["enriched"] != a["descriptions"]
+    res = run_cli("train", *FAST, "--method", "zeroshot", "--opt", "prototypes=descriptions", "--out", tmp_path / "x")
+    assert res.code == 1 and "needs an attribute pool" in res.err

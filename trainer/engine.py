@@ -128,7 +128,8 @@ class Trainer:
         self.clip = load_backbone(self.spec, device=str(self.device), progress=self.progress if self.dist.main else None)
         templates = tuple(self.cfg.method_options.get("templates") or self.method_cls.default_templates)
         text = torch.from_numpy(class_text_embeddings(self.clip, list(self.vocab.names), templates))
-        method = self.method_cls(self.clip, text.to(self.device), {**self.cfg.method_options, "pool": self.pool_attrs})
+        options = {**self.cfg.method_options, "pool": self.pool_attrs, "class_names": self.vocab.names}
+        method = self.method_cls(self.clip, text.to(self.device), options)
         return method.to(self.device)
 
     def _step_data(self, t: int, with_source: bool) -> StepData:

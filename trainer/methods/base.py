@@ -37,7 +37,7 @@ def register_method(name: str):
 
 
 def known_methods() -> list[str]:
-    from . import finetune, zeroshot  # noqa: F401  (the built-in methods register on import)
+    from . import calfuse, finetune, mage, moe_adapters, zeroshot  # noqa: F401  (the built-in methods register on import)
 
     return sorted(METHODS)
 

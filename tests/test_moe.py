@@ -1,0 +1,183 @@
+"""`moe-adapters` and `mage` as methods: top-k gating, zero-initialised experts, the balancing
+loss, frozen experts, per-task routers, mage without attributes = a shared-router MoE, the active
+pool, prototypes and anchoring, and checkpoint round trips after replayed begin_steps."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from moe_fixtures import batch_of, fresh_clip, mage, moe, moe_cache, step_data, train, world  # noqa: F401
+from uniil.trainer.adapters import Adapters, RoutingContext, noisy_logits
+
+
+# -- gating --------------------------------------------------------------------------------------
+@pytest.mark.parametrize("make, options", [(moe, {"preset": "mtil", "num_experts": 6}), (mage, {"num_experts": 6})])
+def test_gating_picks_exactly_top_k_and_gates_sum_to_one(world, make, options):
+    clip, scenario, vocab, _ = world
+    method = make(world, **options)
+    data = step_data(scenario, vocab, 0)
+    method.begin_step(0, data)
+    method.train()
+    method(batch_of(clip, vocab, data), data).backward()
+    gates = method.last_context.gates
+    assert len(gates) == method.adapters.num_layers
+    for weights, indices, logits in gates:
+        assert weights.shape == indices.shape == (8, 2)
+        assert torch.allclose(weights.sum(-1), torch.ones(8))
+        assert (indices[:, 0] != indices[:, 1]).all()
+        assert torch.equal(indices, logits.topk(2, dim=-1).indices)
+    assert method.usage.sum() == 8 * 2 * method.adapters.num_layers
+
+
+def test_gate_noise_only_in_training():
+    clean, noise = torch.randn(4, 6), torch.randn(4, 6)
+    assert torch.equal(noisy_logits(clean, noise, training=False), clean)
+    assert not torch.equal(noisy_logits(clean, noise, training=True), clean)
+
+
+@pytest.mark.parametrize("make", [moe, mage])
+def test_zero_initialised_experts_leave_the_backbone_output_unchanged(world, make):
+    clip, scenario, vocab, _ = world
+    data = step_data(scenario, vocab, 0)
+    batch = batch_of(clip, vocab, data)
+    with torch.no_grad():
+        before = F.normalize(clip.model.encode_image(batch.images).float(), dim=-1)
+        method = make(world, num_experts=4)
+        method.begin_step(0, data)
+        method.train()  # noisy routing, every sample through its experts
+        assert torch.equal(method.encode(batch), before)
+        method.eval()
+        assert torch.equal(method.encode(batch), before)
+
+
+def test_load_balancing_loss_is_part_of_the_training_loss(world):
+    clip, scenario, vocab, _ = world
+    data = step_data(scenario, vocab, 0)
+    batch = batch_of(clip, vocab, data)
+    losses = []
+    for weight in (0.0, 1.0):
+        method = moe(world, preset="mtil", num_experts=6, lb_weight=weight)
+        method.begin_step(0, data)
+        method.train()
+        torch.manual_seed(1)
+        losses.append(float(method(batch, data).detach()))
+    assert losses[1] > losses[0]
+
+
+# -- freezing ------------------------------------------------------------------------------------
+@pytest.mark.parametrize("make", [moe, mage])
+def test_frozen_experts_do_not_change_across_a_step(world, make):
+    method = make(world, preset="mtil", num_experts=6, freeze_top=2) if make is moe else make(world, num_experts=6)
+    train(method, world, 0, weight_decay=0.1)
+    frozen = method.adapters.frozen()
+    assert frozen.sum(1).tolist() == [2] * method.adapters.num_layers
+    # the frozen experts are the two the step used most
+    assert torch.equal(frozen, torch.zeros_like(frozen).scatter_(1, method.usage.topk(2, dim=1).indices, True))
+    before = [[p.detach().clone() for p in (b.down, b.down_bias, b.up, b.up_bias)] for b in method.adapters.banks]
+    train(method, world, 1, iters=4, weight_decay=0.1)  # weight decay would move them if they were trainable
+    for bank, old, mask in zip(method.adapters.banks, before, frozen):
+        for p, q in zip((bank.down, bank.down_bias, bank.up, bank.up_bias), old):
+            assert torch.equal(p[mask], q[mask])
+            assert not torch.equal(p[~mask], q[~mask])
+    assert method.adapters.frozen().sum(1).tolist() == [4] * method.adapters.num_layers
+
+
+def test_moe_adapters_has_one_router_per_task_and_trains_only_the_current_one(world):
+    method = moe(world, preset="mtil", num_experts=4)
+    train(method, world, 0)
+    first = method.w_gate[0].detach().clone()
+    assert first.abs().sum() > 0  # the router learned
+    train(method, world, 1)
+    assert len(method.w_gate) == 2 and torch.equal(method.w_gate[0], first)
+    assert [p.requires_grad for p in method.w_gate] == [False, True]
+
+
+# -- mage ----------------------------------------------------------------------------------------
+def test_mage_without_attributes_equals_a_shared_router_moe(world):
+    clip, scenario, vocab, text = world
+    method = mage(world, num_experts=4, no_attributes=True, no_selector=True, router_init=3.0)
+    data, batch = train(method, world, 0)  # trained experts and router: a non-trivial comparison
+    reference_clip = fresh_clip()
+    reference = Adapters(reference_clip.model, num_experts=4)
+    reference.load_state_dict(method.adapters.state_dict())
+    w, w_noise = method.w.detach(), method.w_noise.detach()
+
+    def route(training):
+        return lambda layer, cls: noisy_logits(cls @ w[layer], cls @ w_noise[layer], training)
+
+    with torch.no_grad():
+        with reference.routing(RoutingContext(route(False), 2)):
+            expected = F.normalize(reference_clip.model.encode_image(batch.images).float(), dim=-1)
+        assert torch.equal(method.encode(batch), expected)
+        method.train()
+        torch.manual_seed(5)
+        got = method.encode(batch)
+        torch.manual_seed(5)
+        with reference.routing(RoutingContext(route(True), 2)):
+            expected = F.normalize(reference_clip.model.encode_image(batch.images).float(), dim=-1)
+        assert torch.equal(got, expected)
+
+
+def test_mage_attributes_steer_the_router(world):
+    clip, scenario, vocab, _ = world
+    method = mage(world, num_experts=8, router_init=1.0)
+    data = step_data(scenario, vocab, 0)
+    method.begin_step(0, data)
+    batch = batch_of(clip, vocab, data)
+    z, _ = method._attributes(batch)
+    assert z.abs().sum() > 0 and z.shape == (8, 2 * clip.dim)
+    # only attributes of seen classes and domains are active at the first step
+    step = scenario.steps[0]
+    active = {s for i in method.matcher.active_ids.tolist() for s in method.matcher.pool.sources[i]}
+    assert active <= set(step.classes) | {step.domain}
+    assert method._anchoring() == 0  # nothing old to anchor yet
+
+
+def test_mage_prototypes_and_anchoring(world, caplog):
+    clip, scenario, vocab, text = world
+    method = mage(world, num_experts=4, beta=1.0)
+    train(method, world, 0)
+    assert "'circle' has no attributes" in caplog.text
+    circle = vocab.names.index("circle")
+    assert torch.equal(method.text[circle], text[circle])  # no attributes: plain prototype
+    other = vocab.names.index(scenario.steps[0].classes[1])
+    assert not torch.allclose(method.text[other], text[other])
+    assert torch.allclose(method.text.norm(dim=-1), torch.ones(len(text)))
+    assert np.isfinite(float(method.theta))
+    data = step_data(scenario, vocab, 1)
+    method.begin_step(1, data)
+    assert len(method._anchors) == len(scenario.steps[0].classes)
+    with torch.no_grad():
+        method.u.add_(0.1)
+    assert method._anchoring() > 0
+    flat = mage(world, num_experts=4, beta=0.0)
+    flat.begin_step(0, step_data(scenario, vocab, 0))
+    assert torch.equal(flat.text, text)
+
+
+@pytest.mark.parametrize("make", [moe, mage])
+def test_checkpoint_round_trip_after_replayed_begin_steps(world, make):
+    """What a resumed run does: replay begin_step for finished steps, load the state, go on."""
+    options = {"preset": "mtil", "num_experts": 4} if make is moe else {"num_experts": 4}
+    method = make(world, **options)
+    train(method, world, 0)
+    train(method, world, 1)
+    tensors, extra = method.trainable_state(), method.extra_state()
+    clip, scenario, vocab, text = world
+    torch.manual_seed(123)  # another initialisation
+    again = make(world, **options)
+    for t in range(2):
+        again.begin_step(t, step_data(scenario, vocab, t))
+    again.load_trainable_state(tensors)
+    again.load_extra_state(extra)
+    data = step_data(scenario, vocab, 2)
+    for m in (method, again):
+        m.begin_step(2, data)
+        m.eval()
+    batch = batch_of(clip, vocab, data)
+    with torch.no_grad():
+        assert torch.equal(method.encode(batch), again.encode(batch))
+    assert torch.equal(method.text, again.text)

@@ -1,0 +1,160 @@
+"""`mage`: Mixture of Attribute-Guided Experts (Uni-IL), this project's reading (methods.md).
+
+- Active pool and matching on frozen features (mage_attributes.py): z = [a_cls ; a_dom].
+- One router per block, shared by all steps, no task id anywhere:
+      h = c @ W_l + z @ U_l  (+ eps * (softplus(c @ W_noise) + 0.01) in training), top-k of E.
+  W_l, W_noise zero-initialised; (choice) U_l ~ N(0, router_init^2), so that images with different
+  attributes start on different experts (`--opt router_init=0` starts U at zero).
+- Forgetting control: after each step the `freeze_top` most-used still-trainable experts of each
+  block are frozen (at least top_k stay trainable); attribute anchoring adds
+  lambda * mean_l mean_k ||(U_l - U_l_old)^T z_k||^2 over data-free attribute features z_k of the
+  old (class, domain) pairs (their pool attribute means), U_l_old = U_l after the previous step.
+- Zero-shot preservation: a test image whose best similarity to an active class attribute is below
+  theta uses the original CLIP (adapters off); theta = the `selector_quantile` (5%) quantile of that
+  similarity over the training images seen so far.
+- Classifier: 100 * f_adapted . t'_c, t'_c = normalise(t_c + beta * mean attribute embedding of c),
+  set when the step that introduces c begins (its name is known from then on; a class evaluated
+  before it is introduced, for Transfer, uses t_c). Classes without attributes keep t_c (warning).
+- Loss: cross-entropy over the step's classes + load balancing (lb_weight) + anchoring (anchor).
+
+Options (`--opt k=v`; the CLI flags map to the first five): no_attributes (z = 0: a shared-router
+MoE), attr_kind (class|domain|both), attr_topk (5), no_selector, beta (1.0); num_experts (16),
+top_k (2), tau (0.05), router_init (1.0), anchor (1.0), lb_weight (0.01), freeze_top (2),
+selector_quantile (0.05), adapter_rank, adapter_scale, adapter_dropout, label_smoothing.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ...errors import UserError
+from ..adapters import RoutingContext, noisy_logits
+from .base import Batch, StepData, register_method
+from .mage_attributes import AttributeMatcher, ConfidenceHistogram
+from .moe_common import MoEMethod, option
+
+log = logging.getLogger(__name__)
+
+
+@register_method("mage")
+class Mage(MoEMethod):
+    needs_pool = True
+
+    def __init__(self, clip, text, options):
+        if options.get("pool") is None:
+            raise UserError("method mage needs an attribute pool: pass --pool P.duckdb")
+        super().__init__(clip, text, options, option(options, "num_experts", 16), option(options, "top_k", 2))
+        self.text = text.clone()  # prototypes are enriched in place
+        self.no_attributes = option(options, "no_attributes", False, bool)
+        self.no_selector = option(options, "no_selector", False, bool)
+        self.beta = option(options, "beta", 1.0)
+        self.anchor_weight = option(options, "anchor", 1.0)
+        self.quantile = option(options, "selector_quantile", 0.05)
+        self.matcher = AttributeMatcher(options["pool"], option(options, "attr_kind", "both", str),
+                                        option(options, "attr_topk", 5), option(options, "tau", 0.05))
+        L, d, E, zdim = self.adapters.num_layers, self.adapters.width, self.num_experts, 2 * self.matcher.dim
+        self.w = nn.Parameter(torch.zeros(L, d, E))
+        self.w_noise = nn.Parameter(torch.zeros(L, d, E))
+        self.u = nn.Parameter(torch.randn(L, zdim, E) * option(options, "router_init", 1.0))
+        self.register_buffer("u_old", torch.zeros(L, zdim, E))
+        self.register_buffer("confidence", ConfidenceHistogram.empty())
+        self.register_buffer("theta", torch.tensor(float("-inf")))
+        self._plain_text = None
+        self._steps: dict[int, tuple[set[str], list[tuple[str, str]], list[tuple[int, str]]]] = {}
+        self._anchors = torch.zeros(0, zdim)
+        self._eval_on: list[torch.Tensor] = []
+        self._stats: dict = {}
+
+    # -- structure (cheap, deterministic: replayed on resume) -------------------------------------
+    def begin_step(self, t: int, data: StepData) -> None:
+        step = data.step
+        names = set(step.classes) | {step.domain, step.dataset}
+        self._steps[t] = (names, [(c, step.domain) for c in step.classes],
+                          list(zip(data.classes.tolist(), step.classes)))
+        if t == 0 or self.matcher.emb.device != self._device:
+            self.matcher.to(self._device)
+        self.matcher.activate(set().union(*(self._steps[s][0] for s in self._steps if s <= t)))
+        if t == 0:
+            self.matcher.set_center()
+        old_pairs = list(dict.fromkeys(p for s in self._steps if s < t for p in self._steps[s][1]))
+        self._anchors = self.matcher.anchor_rows(old_pairs)
+        self._enrich_prototypes(t)
+        self._begin_experts()
+        self._eval_on = []
+
+    def _enrich_prototypes(self, t: int) -> None:
+        if self._plain_text is None:
+            self._plain_text = self.text.clone()
+        for g, name in self._steps[t][2]:
+            mean = self.matcher.mean_of(name, "class")
+            if mean is None:
+                log.warning("class '%s' has no attributes in the pool: its prototype is the plain class text", name)
+                continue
+            self.text[g] = F.normalize(self._plain_text[g] + self.beta * mean.to(self.text), dim=-1)
+
+    def end_step(self, t: int, data: StepData) -> None:
+        self._end_experts()
+        self.u_old.copy_(self.u.detach())
+        feats = self.frozen_features.of_source(data.train_source).to(self._device)
+        smax, top = [], ([], [])
+        with torch.no_grad():
+            for chunk in feats.split(4096):
+                _, s, ids = self.matcher.match(chunk)
+                smax.append(s)
+                for j, i in enumerate(ids):
+                    if i is not None:
+                        top[j].append(i)
+        if self.matcher.counts[0]:
+            ConfidenceHistogram.add(self.confidence, torch.cat(smax))
+        self.theta.fill_(ConfidenceHistogram.quantile(self.confidence, self.quantile))
+        self._eval_on = []
+        self._stats = {"active_attributes": {"class": self.matcher.counts[0], "domain": self.matcher.counts[1]},
+                       "anchors": len(self._anchors), "theta": round(float(self.theta), 4),
+                       "top_matched": {k: self.matcher.top_texts(torch.cat(ids)) if ids else []
+                                       for k, ids in zip(("class", "domain"), top)}}
+
+    # -- routing --------------------------------------------------------------------------------
+    def _attributes(self, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
+        z, smax, _ = self.matcher.match(self.frozen_features(batch))
+        if self.no_attributes:
+            z = torch.zeros_like(z)
+        return z, smax
+
+    def _router(self, z: torch.Tensor):
+        def route(layer: int, cls: torch.Tensor) -> torch.Tensor:
+            clean = cls @ self.w[layer] + z.to(cls.dtype) @ self.u[layer]
+            return noisy_logits(clean.float(), (cls @ self.w_noise[layer]).float(), self.training)
+        return route
+
+    def _anchoring(self) -> torch.Tensor:
+        if self.anchor_weight <= 0 or self.no_attributes or not len(self._anchors):
+            return torch.zeros((), device=self._device)
+        moved = torch.einsum("kz,lze->lke", self._anchors, self.u - self.u_old)
+        return self.anchor_weight * moved.pow(2).sum(-1).mean()
+
+    def forward(self, batch: Batch, data: StepData) -> torch.Tensor:
+        z, _ = self._attributes(batch)
+        ctx = RoutingContext(self._router(z), self.top_k)
+        feats = self._route(batch, ctx)
+        return self._classification_loss(feats, batch, data) + self._balance(ctx) + self._anchoring()
+
+    def encode(self, batch: Batch) -> torch.Tensor:
+        z, smax = self._attributes(batch)
+        mask = None
+        if not self.training and not self.no_selector:
+            on = smax >= self.theta
+            self._eval_on.append(on)
+            mask = on.float()
+        return self._route(batch, RoutingContext(self._router(z), self.top_k, sample_mask=mask))
+
+    # -- records --------------------------------------------------------------------------------
+    def statistics(self) -> dict:
+        stats = {**self.expert_statistics(), **self._stats}
+        if self._eval_on:
+            on = torch.cat(self._eval_on)
+            stats["selector"] = {"test_images": len(on), "original_clip": int((~on).sum())}
+        return stats

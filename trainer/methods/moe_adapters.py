@@ -1,0 +1,149 @@
+"""`moe-adapters`: Yu et al., "Boosting Continual Learning of Vision-Language Models via
+Mixture-of-Experts Adapters" (CVPR 2024), reimplemented faithfully on the shared MoE layer.
+
+- Each image-tower block gets E bottleneck experts (r = 64, s = 0.1, Up zero-initialised) and a
+  router h = c @ W_g, with noisy top-k gating h + eps * (softplus(c @ W_noise) + 0.01) in
+  training only. (W_g, W_noise) are zero-initialised; with `task_routers` there is one pair per
+  task, created in `begin_step` (older pairs stop training), otherwise one pair for all tasks.
+- Loss: cross-entropy over the current step's classes (label smoothing per preset) plus the
+  load-balancing loss cv^2(importance) + cv^2(load) with weight `lb_weight` (0.01), actually added.
+- After each task the `freeze_top` most-used still-trainable experts of each block are frozen for
+  all later tasks (at least top_k stay trainable).
+- Task-agnostic inference (DDAS, see ddas.py): per-task autoencoders on frozen CLIP features pick
+  each test sample's router, or send it to the original CLIP (adapters off).
+
+Not copied from the original: gate noise at evaluation, the computed-but-unused balancing loss,
+host syncs in the dispatcher.
+
+Presets (`--opt preset=...`); every field can be overridden with its own `--opt`:
+  cil  (default): num_experts=2, top_k=2, one shared router, no freezing, no selector; the prompt
+        "a bad photo of a {}." (default_templates). The paper's engine settings: --epochs 1
+        --batch-size 128 --lr 1e-3 --warmup 30 (the engine's defaults except the batch size).
+  mtil: num_experts=22, top_k=2, one router per task, freeze_top=2, DDAS selector, label
+        smoothing 0.2. Needs engine flags: --iters 1000 --batch-size 64 --warmup 100 (--lr 1e-3).
+Other options: adapter_rank, adapter_scale, adapter_dropout, lb_weight, ddas_hidden, ddas_epochs,
+ddas_lr, ddas_quantile, ddas_threshold (absolute; default: the quantile of the task's training
+errors), ddas_reference ("DATASET" or "DATASET:DOMAIN", an ImageFolder root too: generic images
+for the reference autoencoder), ddas_reference_limit.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+from torch import nn
+
+from ...errors import UserError
+from ..adapters import RoutingContext, noisy_logits
+from .base import Batch, StepData, register_method
+from .ddas import TaskSelector
+from .moe_common import MoEMethod, option
+
+log = logging.getLogger(__name__)
+
+PRESETS = {
+    "cil": {"num_experts": 2, "top_k": 2, "task_routers": False, "freeze_top": 0, "selector": False,
+            "label_smoothing": 0.0},
+    "mtil": {"num_experts": 22, "top_k": 2, "task_routers": True, "freeze_top": 2, "selector": True,
+             "label_smoothing": 0.2},
+}
+
+
+def preset_options(options: dict) -> dict:
+    name = options.get("preset", "cil")
+    if name not in PRESETS:
+        raise UserError(f"unknown --opt preset={name}; use {' or '.join(PRESETS)}")
+    return {**PRESETS[name], **{k: v for k, v in options.items() if k != "preset"}}
+
+
+@register_method("moe-adapters")
+class MoEAdapters(MoEMethod):
+    default_templates = ("a bad photo of a {}.",)
+
+    def __init__(self, clip, text, options):
+        options = preset_options(options)
+        super().__init__(clip, text, options, option(options, "num_experts", 2), option(options, "top_k", 2))
+        self.task_routers = option(options, "task_routers", False, bool)
+        self.w_gate = nn.ParameterList()
+        self.w_noise = nn.ParameterList()
+        self.selector = None
+        if option(options, "selector", False, bool):
+            threshold = options.get("ddas_threshold")
+            self.selector = TaskSelector(
+                clip.dim, option(options, "ddas_hidden", 128), option(options, "ddas_epochs", 30),
+                option(options, "ddas_lr", 1e-3), option(options, "ddas_quantile", 0.99),
+                None if threshold is None else float(threshold), reference=bool(options.get("ddas_reference")))
+        self._current = 0
+        self._choices: list[tuple[torch.Tensor, torch.Tensor]] = []
+
+    # -- structure ------------------------------------------------------------------------------
+    def begin_step(self, t: int, data: StepData) -> None:
+        shape = (self.adapters.num_layers, self.adapters.width, self.num_experts)
+        while len(self.w_gate) < (t + 1 if self.task_routers else 1):
+            self.w_gate.append(nn.Parameter(self._zeros(*shape)))
+            self.w_noise.append(nn.Parameter(self._zeros(*shape)))
+        self._current = len(self.w_gate) - 1
+        for i, (g, n) in enumerate(zip(self.w_gate, self.w_noise)):
+            g.requires_grad_(i == self._current)
+            n.requires_grad_(i == self._current)
+        if self.selector is not None:
+            while len(self.selector.tasks) < t + 1:
+                self.selector.add_task(self._device)
+        self._begin_experts()
+        self._choices = []
+
+    def end_step(self, t: int, data: StepData) -> None:
+        self._end_experts()
+        self._choices = []
+        if self.selector is not None:
+            threshold = self.selector.fit_task(t, self.frozen_features.of_source(data.train_source), seed=t)
+            log.info("step %d: DDAS autoencoder fitted, threshold %.4g", t + 1, threshold)
+            if self.selector.reference is not None and not bool(self.selector.reference.fitted):
+                self.selector.fit_reference(self._reference_features(), seed=1_000_003)
+
+    def _reference_features(self) -> torch.Tensor:
+        from ...data.images import dataset_images
+
+        name, _, domain = str(self.options["ddas_reference"]).partition(":")
+        limit = option(self.options, "ddas_reference_limit", 2000)
+        return self.frozen_features.of_source(dataset_images(name, "train", domain or None, limit=limit))
+
+    # -- routing --------------------------------------------------------------------------------
+    def _router(self, task: int | torch.Tensor):
+        """Gate logits of router `task` (an int), or of each sample's own router (a [B] tensor)."""
+        def route(layer: int, cls: torch.Tensor) -> torch.Tensor:
+            if isinstance(task, int):
+                clean = cls @ self.w_gate[task][layer]
+                noise = cls @ self.w_noise[task][layer]
+            else:
+                gates = torch.stack([w[layer] for w in self.w_gate])  # [T, d, E]
+                clean = torch.einsum("bd,tde->bte", cls, gates.to(cls.dtype))
+                clean = clean.gather(1, task.view(-1, 1, 1).expand(-1, 1, clean.shape[-1])).squeeze(1)
+                noise = clean  # evaluation only: no noise
+            return noisy_logits(clean.float(), noise.float(), self.training)
+        return route
+
+    def forward(self, batch: Batch, data: StepData) -> torch.Tensor:
+        ctx = RoutingContext(self._router(self._current), self.top_k)
+        feats = self._route(batch, ctx)
+        return self._classification_loss(feats, batch, data) + self._balance(ctx)
+
+    def encode(self, batch: Batch) -> torch.Tensor:
+        if self.training or self.selector is None or not len(self.selector.tasks):
+            return self._route(batch, RoutingContext(self._router(self._current), self.top_k))
+        task, on = self.selector.choose(self.frozen_features(batch))
+        self._choices.append((task, on))
+        router = self._router(task if self.task_routers else self._current)
+        return self._route(batch, RoutingContext(router, self.top_k, sample_mask=on.float()))
+
+    # -- records --------------------------------------------------------------------------------
+    def statistics(self) -> dict:
+        stats = {**self.expert_statistics(), "routers": len(self.w_gate)}
+        if self.selector is not None and self._choices:
+            task = torch.cat([c[0] for c in self._choices])
+            on = torch.cat([c[1] for c in self._choices])
+            stats["ddas"] = {"task_counts": torch.bincount(task[on], minlength=len(self.selector.tasks)).tolist(),
+                             "original_clip": int((~on).sum()),
+                             "thresholds": [round(float(ae.threshold), 6) for ae in self.selector.tasks]}
+        return stats

@@ -1,0 +1,145 @@
+"""What `moe-adapters` and `mage` share: the expert layers in the image tower, expert usage per
+step, freezing of the most-used experts after a step, and a look-up of each image's frozen CLIP
+feature (the input of the DDAS autoencoders and of attribute matching)."""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+import torch.nn.functional as F
+
+from ...errors import UserError
+from ..adapters import Adapters, RoutingContext, expert_usage, load_balancing_loss
+from .base import Batch, ContinualMethod
+
+log = logging.getLogger(__name__)
+
+
+def option(options: dict, key: str, default, kind=None):
+    """options[key] converted to the type of `default` (or `kind`), as a one-line user error."""
+    value = options.get(key)
+    if value is None:
+        value = default
+    kind = kind or type(default)
+    if kind is bool and isinstance(value, str):
+        if value.lower() not in ("true", "false", "1", "0", "yes", "no"):
+            raise UserError(f"--opt {key}={value}: write true or false")
+        return value.lower() in ("true", "1", "yes")
+    try:
+        return kind(value)
+    except (TypeError, ValueError):
+        raise UserError(f"--opt {key}={value!r}: expected {kind.__name__}") from None
+
+
+class FrozenFeatures:
+    """L2-normalised frozen CLIP image features of a batch: from the on-disk cache of its source
+    (computed once per dataset split, then a gather), or, for sources that cannot be cached, by
+    running the image tower with the adapters off."""
+
+    def __init__(self, clip, adapters: Adapters):
+        self.clip, self.adapters = clip, adapters
+        self._by_source: dict[str, torch.Tensor] = {}
+
+    def __call__(self, batch: Batch) -> torch.Tensor:
+        device = batch.targets.device
+        key = getattr(batch.source, "cache_key", None)
+        if key is None:
+            with torch.no_grad(), self.adapters.routing(None):
+                return F.normalize(self.clip.model.encode_image(batch.images).float(), dim=-1)
+        if key not in self._by_source:
+            from ...attrpool.cache import image_features
+
+            fs = image_features(batch.source, self.clip.spec, device=str(self.clip.device))
+            self._by_source[key] = torch.from_numpy(fs.features)
+        return self._by_source[key][batch.index.cpu()].to(device, non_blocking=True)
+
+    def of_source(self, source) -> torch.Tensor:
+        """Every image of a source: [N, D] on CPU (cached on disk when the source can be)."""
+        if getattr(source, "cache_key", None) is None:
+            with self.adapters.routing(None):  # outside a routing context the blocks are the original ones
+                return torch.from_numpy(self.clip.encode_images([source.load(i) for i in range(len(source))]))
+        from ...attrpool.cache import image_features
+
+        return torch.from_numpy(image_features(source, self.clip.spec, device=str(self.clip.device)).features)
+
+
+class MoEMethod(ContinualMethod):
+    """A continual method whose image tower carries E experts per block, routed top-k."""
+
+    def __init__(self, clip, text, options, num_experts: int, top_k: int):
+        super().__init__(clip, text, options)
+        if num_experts < 1 or not 1 <= top_k <= num_experts:
+            raise UserError(f"--opt top_k={top_k} must be between 1 and num_experts={num_experts}")
+        self.top_k = top_k
+        self.lb_weight = option(options, "lb_weight", 0.01)
+        self.freeze_top = option(options, "freeze_top", 2)
+        self.adapters = Adapters(clip.model, num_experts=num_experts, rank=option(options, "adapter_rank", 64),
+                                 scale=option(options, "adapter_scale", 0.1),
+                                 dropout=option(options, "adapter_dropout", 0.0))
+        self.frozen_features = FrozenFeatures(clip, self.adapters)
+        self.usage = torch.zeros(self.adapters.num_layers, num_experts)  # this step's training routing
+        self.eval_usage = torch.zeros_like(self.usage)
+        self.last_context: RoutingContext | None = None  # the latest forward's gates (tests, debugging)
+
+    @property
+    def num_experts(self) -> int:
+        return self.adapters.num_experts
+
+    @property
+    def _device(self) -> torch.device:
+        return self.adapters.banks[0].down.device
+
+    def _zeros(self, *shape) -> torch.Tensor:
+        return torch.zeros(*shape, device=self._device)
+
+    # -- per step -------------------------------------------------------------------------------
+    def _begin_experts(self) -> None:
+        self.usage = self._zeros(self.adapters.num_layers, self.num_experts)
+        self.eval_usage = torch.zeros_like(self.usage)
+        self.adapters.hold_frozen()  # after a resumed run loads its checkpoint, snapshot the frozen experts
+
+    def _end_experts(self) -> list[list[int]]:
+        """Freeze the `freeze_top` most-used of the still trainable experts of each block, keeping at
+        least top_k trainable. Returns the newly frozen experts per block."""
+        self.adapters.restore_frozen()
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            torch.distributed.all_reduce(self.usage)  # every rank freezes the same experts
+        frozen = self.adapters.frozen()
+        self.eval_usage.zero_()
+        n = min(self.freeze_top, int((~frozen).sum(1).min()) - self.top_k)
+        if n <= 0:
+            return [[] for _ in range(len(frozen))]
+        picked = self.usage.masked_fill(frozen, -1.0).topk(n, dim=1).indices
+        self.adapters.freeze(torch.zeros_like(frozen).scatter_(1, picked, True))
+        return picked.tolist()
+
+    def _route(self, batch: Batch, ctx: RoutingContext) -> torch.Tensor:
+        """Normalised image features with the adapters routed by `ctx`; usage recorded."""
+        self.last_context = ctx
+        with self.adapters.routing(ctx):
+            feats = self.clip.model.encode_image(batch.images)
+        usage = expert_usage(ctx.gates, self.num_experts).detach()
+        if self.training:
+            self.usage = self.usage + usage
+        else:
+            self.eval_usage = self.eval_usage + usage
+        return F.normalize(feats.float(), dim=-1)
+
+    def _balance(self, ctx: RoutingContext) -> torch.Tensor:
+        if self.lb_weight <= 0 or self.num_experts == 1:
+            return torch.zeros((), device=self._device)
+        return self.lb_weight * load_balancing_loss(ctx.gates, self.num_experts).to(self._device)
+
+    def _classification_loss(self, feats: torch.Tensor, batch: Batch, data) -> torch.Tensor:
+        from .base import _positions
+
+        logits = self.logits(feats, data.classes)
+        return F.cross_entropy(logits, _positions(batch.targets, data.classes),
+                               label_smoothing=option(self.options, "label_smoothing", 0.0))
+
+    def expert_statistics(self) -> dict:
+        return {"experts": self.num_experts, "top_k": self.top_k,
+                "usage": self.usage.round().int().tolist(),
+                "eval_usage": self.eval_usage.round().int().tolist(),
+                "frozen": [[e for e, f in enumerate(row) if f] for row in self.adapters.frozen().tolist()]}
