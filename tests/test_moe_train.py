@@ -129,3 +129,11 @@ def test_mage_ablation_flags_are_refused_for_other_methods(tmp_path):
     res = run_cli("train", *FAST, "--method", "moe-adapters", "--beta", "0", "--out", tmp_path / "r")
     assert res.code == 1 and "--beta is an option of --method mage and zeroshot" in res.err
     assert not (tmp_path / "r").exists()
+
+
+@pytest.mark.parametrize("method, typo", [("finetune", "adapter_rnak"), ("moe-adapters", "num_expert"),
+                                          ("mage", "attr_top_k"), ("zeroshot", "prototype")])
+def test_a_mistyped_option_is_refused_before_anything_loads(tmp_path, method, typo):
+    res = run_cli("train", *FAST, "--method", method, "--opt", f"{typo}=2", "--out", tmp_path / "r")
+    assert res.code == 1 and f"{method}: unknown option(s) {typo}; known:" in res.err and "Traceback" not in res.err
+    assert not (tmp_path / "r").exists()

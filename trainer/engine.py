@@ -95,6 +95,7 @@ class Trainer:
         self.cfg, self.progress, self.on_step = cfg, progress, on_step
         self.scenario = load_scenario(cfg.scenario)
         self.method_cls: type[ContinualMethod] = method_class(cfg.method)
+        self.method_cls.check_options(cfg.method_options)
         self.spec = BackboneSpec.from_options(cfg.clip_model, cfg.clip_pretrained)
         self.device = torch.device(cfg.device)
         if self.device.type == "cuda" and not torch.cuda.is_available():

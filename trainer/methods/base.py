@@ -73,8 +73,13 @@ class StepData:
     extra: dict = field(default_factory=dict)
 
 
+# Keys the engine puts into a method's options itself (not `--opt` options).
+ENGINE_KEYS = frozenset({"pool", "class_names", "templates"})
+
+
 class ContinualMethod(nn.Module):
     name: ClassVar[str] = ""
+    option_keys: ClassVar[frozenset[str]] = frozenset()  # the `--opt` keys the method reads
     trains: ClassVar[bool] = True  # False: no optimisation (zeroshot)
     uses_frozen_features: ClassVar[bool] = False  # True: batches carry cached frozen features, not images
     default_templates: ClassVar[tuple[str, ...]] = ("a photo of a {}.",)
@@ -86,6 +91,14 @@ class ContinualMethod(nn.Module):
         self.clip = clip
         self.register_buffer("text", text, persistent=False)
         self.options = dict(options)
+
+    @classmethod
+    def check_options(cls, options: dict) -> None:
+        """Refuse `--opt` keys the method does not read: a typo must not pass silently."""
+        unknown = sorted(set(options) - cls.option_keys - ENGINE_KEYS)
+        if unknown:
+            known = ", ".join(sorted(cls.option_keys)) or "none"
+            raise UserError(f"{cls.name}: unknown option(s) {', '.join(unknown)}; known: {known}")
 
     # -- the contract ---------------------------------------------------------------------------
     def begin_step(self, t: int, data: StepData) -> None:

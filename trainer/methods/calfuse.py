@@ -84,11 +84,6 @@ from .base import Batch, ContinualMethod, StepData, _positions, register_method
 log = logging.getLogger(__name__)
 
 LOGIT_SCALE = 100.0
-# Keys the engine itself puts into the options dict, not options of this method. Other unknown keys
-# whose value could have come from `--opt key=value` (JSON: str, number, bool, list, dict) are
-# refused as typos; any other value (a tuple, an object) is taken as the engine's and ignored.
-ENGINE_KEYS = {"pool", "templates", "class_names"}
-
 DEFAULTS = {
     "calibration": "dynamic", "alpha": 0.5, "kappa_init": 1.0, "bias_init": 0.0, "detach_entropy": True,
     "fusion": "qr", "mu": 0.6, "projection_init": "previous",
@@ -188,10 +183,7 @@ def confusable_pairs(text: torch.Tensor, distance: float) -> torch.Tensor:
 
 # -- the method -------------------------------------------------------------------------------------
 def _parse_options(options: dict) -> dict:
-    unknown = sorted(k for k in set(options) - set(DEFAULTS) - ENGINE_KEYS
-                     if isinstance(options[k], (str, int, float, bool, list, dict)))
-    if unknown:
-        raise UserError(f"calfuse: unknown option(s) {', '.join(unknown)}; known: {', '.join(sorted(DEFAULTS))}")
+    CalFuse.check_options(options)
     out = {}
     for key, default in DEFAULTS.items():
         value = options.get(key, default)
@@ -221,6 +213,7 @@ def _parse_options(options: dict) -> dict:
 
 @register_method("calfuse")
 class CalFuse(ContinualMethod):
+    option_keys = frozenset(DEFAULTS)
     uses_frozen_features = True
 
     def __init__(self, clip, text, options):

@@ -11,6 +11,7 @@ from .base import Batch, ContinualMethod, register_method
 
 @register_method("finetune")
 class Finetune(ContinualMethod):
+    option_keys = frozenset({"adapter_rank", "adapter_scale", "label_smoothing"})
     def __init__(self, clip, text, options):
         super().__init__(clip, text, options)
         self.adapters = Adapters(clip.model, num_experts=1, rank=int(options.get("adapter_rank", 64)),

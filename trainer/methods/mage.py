@@ -43,6 +43,8 @@ log = logging.getLogger(__name__)
 @register_method("mage")
 class Mage(MoEMethod):
     needs_pool = True
+    option_keys = MoEMethod.option_keys | {"no_attributes", "attr_kind", "attr_topk", "no_selector", "beta", "tau",
+                                           "router_init", "anchor", "selector_quantile"}
 
     def __init__(self, clip, text, options):
         if options.get("pool") is None:

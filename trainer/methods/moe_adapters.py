@@ -59,6 +59,9 @@ def preset_options(options: dict) -> dict:
 
 @register_method("moe-adapters")
 class MoEAdapters(MoEMethod):
+    option_keys = MoEMethod.option_keys | {"preset", "task_routers", "selector", "ddas_hidden", "ddas_epochs",
+                                           "ddas_lr", "ddas_quantile", "ddas_threshold", "ddas_reference",
+                                           "ddas_reference_limit"}
     default_templates = ("a bad photo of a {}.",)
 
     def __init__(self, clip, text, options):

@@ -67,6 +67,9 @@ class FrozenFeatures:
 class MoEMethod(ContinualMethod):
     """A continual method whose image tower carries E experts per block, routed top-k."""
 
+    option_keys = frozenset({"num_experts", "top_k", "lb_weight", "freeze_top", "adapter_rank", "adapter_scale",
+                             "adapter_dropout", "label_smoothing"})
+
     def __init__(self, clip, text, options, num_experts: int, top_k: int):
         super().__init__(clip, text, options)
         if num_experts < 1 or not 1 <= top_k <= num_experts:

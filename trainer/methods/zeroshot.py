@@ -18,6 +18,7 @@ PROTOTYPES = ("class_names", "descriptions", "enriched")
 
 @register_method("zeroshot")
 class ZeroShot(ContinualMethod):
+    option_keys = frozenset({"prototypes", "beta"})
     trains = False
     uses_frozen_features = True  # evaluation reads cached frozen CLIP features
 
