@@ -50,8 +50,8 @@ class ZeroShotResult:
     images: int
 
     def as_dict(self) -> dict:
-        return {"class_names": self.class_names, "descriptions": self.descriptions,
-                "enriched": self.enriched, "images": self.images}
+        return {"class_names": round(self.class_names, 2), "descriptions": round(self.descriptions, 2),
+                "enriched": round(self.enriched, 2), "images": self.images}
 
 
 def evaluate(attrs, clip, features: np.ndarray, labels: np.ndarray, classes: list[str], beta: float = 1.0) -> ZeroShotResult:

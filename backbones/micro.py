@@ -81,6 +81,9 @@ def build_model(cfg: MicroConfig = MicroConfig()) -> nn.Module:
                                      patch_size=16, image_size=cfg.image_size)
     text = open_clip.CLIPTextCfg(context_length=cfg.context_length, hf_model_name=path, hf_tokenizer_name=path,
                                  hf_model_pretrained=True, hf_proj_type="linear", hf_pooler_type="mean_pooler")
+    import transformers
+
+    transformers.utils.logging.disable_progress_bar()  # its "Loading weights" bar on every load
     logging.disable(logging.WARNING)  # transformers' load report
     try:
         model = open_clip.CustomTextCLIP(cfg.embed_dim, vision, text)

@@ -90,6 +90,8 @@ def test_llama_cpp_server_over_http(llama_server, tmp_path):
     assert "json_object" in modes
 
 
+@pytest.mark.slow
+@pytest.mark.timeout(1800)  # on a fresh machine this test trains uniil-micro first (~5 min)
 def test_demo_builds_the_synthetic_pool_offline(cli, tmp_path, monkeypatch):
     monkeypatch.setenv("UNIIL_CACHE_DIR", str(tmp_path / "cache"))
     r = cli("demo", "--workdir", tmp_path / "demo")
