@@ -137,3 +137,17 @@ def test_a_mistyped_option_is_refused_before_anything_loads(tmp_path, method, ty
     res = run_cli("train", *FAST, "--method", method, "--opt", f"{typo}=2", "--out", tmp_path / "r")
     assert res.code == 1 and f"{method}: unknown option(s) {typo}; known:" in res.err and "Traceback" not in res.err
     assert not (tmp_path / "r").exists()
+
+
+@pytest.mark.parametrize("method, opt, message", [
+    ("mage", "selector_quantile=5", "must be between 0 and 1"),
+    ("moe-adapters", "num_experts=2.5", "expected a whole number"),
+    ("moe-adapters", "ddas_reference=true", "name a dataset"),
+    ("finetune", "adapter_rank=wide", "expected int"),
+])
+def test_bad_option_values_are_one_line_errors(tmp_path, tiny_pool, method, opt, message):
+    extra = ["--opt", "preset=mtil"] if opt.startswith("ddas") else []
+    res = run_cli("train", *FAST, "--method", method, "--pool", tiny_pool, "--opt", opt, *extra,
+                  "--out", tmp_path / "r")
+    assert res.code == 1 and message in res.err and "Traceback" not in res.err, res.err
+    assert not (tmp_path / "r" / "metrics.json").exists()

@@ -83,6 +83,7 @@ class ExpertBank(nn.Module):
 
     def freeze(self, experts: torch.Tensor) -> None:
         """Freeze the experts of a bool mask [E] (added to those already frozen)."""
+        self.restore_frozen()  # already frozen experts keep their snapshot values
         self.frozen |= experts.to(self.frozen.device)
         self.hold_frozen()
 

@@ -129,7 +129,8 @@ class Trainer:
         self.clip = load_backbone(self.spec, device=str(self.device), progress=self.progress if self.dist.main else None)
         templates = tuple(self.cfg.method_options.get("templates") or self.method_cls.default_templates)
         text = torch.from_numpy(class_text_embeddings(self.clip, list(self.vocab.names), templates))
-        options = {**self.cfg.method_options, "pool": self.pool_attrs, "class_names": self.vocab.names}
+        options = {**self.cfg.method_options, "pool": self.pool_attrs, "class_names": self.vocab.names,
+                   "data": self.data_opts}
         method = self.method_cls(self.clip, text.to(self.device), options)
         return method.to(self.device)
 
@@ -244,7 +245,9 @@ class Trainer:
             return 0
         model = self.method
         if dist.enabled:
-            model = torch.nn.parallel.DistributedDataParallel(self.method, find_unused_parameters=True)
+            # Buffers change only between steps, identically on every rank: nothing to broadcast per batch.
+            model = torch.nn.parallel.DistributedDataParallel(self.method, find_unused_parameters=True,
+                                                              broadcast_buffers=False)
         opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
         warmup = min(cfg.warmup, max(0, total // 4))
         sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda i: (i + 1) / warmup if i < warmup else

@@ -49,6 +49,33 @@ def method_class(name: str) -> type["ContinualMethod"]:
     return METHODS[name]
 
 
+def option(options: dict, key: str, default, kind=None):
+    """options[key] converted to the type of `default` (or `kind`), as a one-line user error."""
+    value = options.get(key)
+    if value is None:
+        value = default
+    kind = kind or type(default)
+    if kind is bool:
+        text = str(value).lower()
+        if text not in ("true", "false", "1", "0", "yes", "no"):
+            raise UserError(f"--opt {key}={value}: write true or false")
+        return text in ("true", "1", "yes")
+    if kind is int and isinstance(value, float) and not value.is_integer():
+        raise UserError(f"--opt {key}={value}: expected a whole number")
+    try:
+        return kind(value)
+    except (TypeError, ValueError):
+        raise UserError(f"--opt {key}={value!r}: expected {kind.__name__}") from None
+
+
+def fraction(options: dict, key: str, default: float) -> float:
+    """An option that is a quantile or fraction: a float in [0, 1]."""
+    value = option(options, key, default, float)
+    if not 0.0 <= value <= 1.0:
+        raise UserError(f"--opt {key}={value}: must be between 0 and 1 (e.g. 0.05 for 5%)")
+    return value
+
+
 @dataclass
 class Batch:
     """A training or evaluation batch. `index` are the images' positions in `source`, so a method
@@ -74,7 +101,7 @@ class StepData:
 
 
 # Keys the engine puts into a method's options itself (not `--opt` options).
-ENGINE_KEYS = frozenset({"pool", "class_names", "templates"})
+ENGINE_KEYS = frozenset({"pool", "class_names", "templates", "data"})
 
 
 class ContinualMethod(nn.Module):

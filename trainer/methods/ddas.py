@@ -74,7 +74,12 @@ class TaskSelector(nn.Module):
             self.reference.fit(features, self.epochs, self.lr, seed)
 
     def choose(self, f: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """f [B, D] frozen features -> (task index [B], adapters on [B] bool)."""
+        """f [B, D] frozen features -> (task index [B], adapters on [B] bool); fp32 under autocast,
+        as the thresholds were fitted."""
+        with torch.autocast(f.device.type, enabled=False):
+            return self._choose(f)
+
+    def _choose(self, f: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         errors = torch.stack([ae.error(f.float()) for ae in self.tasks], dim=1)  # [B, T]: a loop over tasks
         best, task = errors.min(dim=1)
         thresholds = torch.stack([ae.threshold for ae in self.tasks])

@@ -6,7 +6,7 @@ from __future__ import annotations
 import torch
 
 from ..adapters import Adapters, RoutingContext
-from .base import Batch, ContinualMethod, register_method
+from .base import Batch, ContinualMethod, option, register_method
 
 
 @register_method("finetune")
@@ -14,8 +14,8 @@ class Finetune(ContinualMethod):
     option_keys = frozenset({"adapter_rank", "adapter_scale", "label_smoothing"})
     def __init__(self, clip, text, options):
         super().__init__(clip, text, options)
-        self.adapters = Adapters(clip.model, num_experts=1, rank=int(options.get("adapter_rank", 64)),
-                                 scale=float(options.get("adapter_scale", 0.1)))
+        self.adapters = Adapters(clip.model, num_experts=1, rank=option(options, "adapter_rank", 64),
+                                 scale=option(options, "adapter_scale", 0.1))
 
     def encode(self, batch: Batch) -> torch.Tensor:
         with self.adapters.routing(RoutingContext()):

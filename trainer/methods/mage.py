@@ -33,9 +33,9 @@ from torch import nn
 
 from ...errors import UserError
 from ..adapters import RoutingContext, noisy_logits
-from .base import Batch, StepData, register_method
+from .base import Batch, StepData, fraction, option, register_method
 from .mage_attributes import AttributeMatcher, ConfidenceHistogram
-from .moe_common import MoEMethod, option
+from .moe_common import MoEMethod
 
 log = logging.getLogger(__name__)
 
@@ -55,7 +55,7 @@ class Mage(MoEMethod):
         self.no_selector = option(options, "no_selector", False, bool)
         self.beta = option(options, "beta", 1.0)
         self.anchor_weight = option(options, "anchor", 1.0)
-        self.quantile = option(options, "selector_quantile", 0.05)
+        self.quantile = fraction(options, "selector_quantile", 0.05)
         self.matcher = AttributeMatcher(options["pool"], option(options, "attr_kind", "both", str),
                                         option(options, "attr_topk", 5), option(options, "tau", 0.05))
         L, d, E, zdim = self.adapters.num_layers, self.adapters.width, self.num_experts, 2 * self.matcher.dim
@@ -115,7 +115,7 @@ class Mage(MoEMethod):
         self.theta.fill_(ConfidenceHistogram.quantile(self.confidence, self.quantile))
         self._eval_on = []
         self._stats = {"active_attributes": {"class": self.matcher.counts[0], "domain": self.matcher.counts[1]},
-                       "anchors": len(self._anchors), "theta": round(float(self.theta), 4),
+                       "anchors": len(self._anchors), "theta": round(float(self.theta), 4) if torch.isfinite(self.theta) else None,
                        "top_matched": {k: self.matcher.top_texts(torch.cat(ids)) if ids else []
                                        for k, ids in zip(("class", "domain"), top)}}
 

@@ -76,7 +76,12 @@ class AttributeMatcher:
     # -- matching -------------------------------------------------------------------------------
     def match(self, f: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, list[torch.Tensor | None]]:
         """f [B, D] frozen features -> (z [B, 2D], max similarity to an active class attribute [B],
-        top-1 attribute id per kind (pool ids) or None)."""
+        top-1 attribute id per kind (pool ids) or None). Always fp32, also under autocast: the
+        selector compares these similarities with a threshold fitted in fp32."""
+        with torch.autocast(f.device.type, enabled=False):
+            return self._match(f)
+
+    def _match(self, f: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, list[torch.Tensor | None]]:
         s = f.float() @ self.active_emb.T  # [B, M_active]
         parts, top1 = [], []
         smax = torch.ones(len(f), device=f.device)

@@ -36,9 +36,9 @@ from torch import nn
 
 from ...errors import UserError
 from ..adapters import RoutingContext, noisy_logits
-from .base import Batch, StepData, register_method
+from .base import Batch, StepData, fraction, option, register_method
 from .ddas import TaskSelector
-from .moe_common import MoEMethod, option
+from .moe_common import MoEMethod
 
 log = logging.getLogger(__name__)
 
@@ -73,10 +73,14 @@ class MoEAdapters(MoEMethod):
         self.selector = None
         if option(options, "selector", False, bool):
             threshold = options.get("ddas_threshold")
+            reference = options.get("ddas_reference")
+            if reference is not None and not isinstance(reference, str):
+                raise UserError(f"--opt ddas_reference={reference}: name a dataset (DATASET or DATASET:DOMAIN) "
+                                "or an ImageFolder root")
             self.selector = TaskSelector(
                 clip.dim, option(options, "ddas_hidden", 128), option(options, "ddas_epochs", 30),
-                option(options, "ddas_lr", 1e-3), option(options, "ddas_quantile", 0.99),
-                None if threshold is None else float(threshold), reference=bool(options.get("ddas_reference")))
+                option(options, "ddas_lr", 1e-3), fraction(options, "ddas_quantile", 0.99),
+                None if threshold is None else option(options, "ddas_threshold", 0.0), reference=bool(reference))
         self._current = 0
         self._choices: list[tuple[torch.Tensor, torch.Tensor]] = []
 
@@ -110,7 +114,10 @@ class MoEAdapters(MoEMethod):
 
         name, _, domain = str(self.options["ddas_reference"]).partition(":")
         limit = option(self.options, "ddas_reference_limit", 2000)
-        return self.frozen_features.of_source(dataset_images(name, "train", domain or None, limit=limit))
+        data = self.options.get("data")  # the run's --data-root / --download
+        return self.frozen_features.of_source(dataset_images(
+            name, "train", domain or None, data_root=getattr(data, "data_root", None), limit=limit,
+            download=bool(getattr(data, "download", False))))
 
     # -- routing --------------------------------------------------------------------------------
     def _router(self, task: int | torch.Tensor):

@@ -11,25 +11,9 @@ import torch.nn.functional as F
 
 from ...errors import UserError
 from ..adapters import Adapters, RoutingContext, expert_usage, load_balancing_loss
-from .base import Batch, ContinualMethod
+from .base import Batch, ContinualMethod, option
 
 log = logging.getLogger(__name__)
-
-
-def option(options: dict, key: str, default, kind=None):
-    """options[key] converted to the type of `default` (or `kind`), as a one-line user error."""
-    value = options.get(key)
-    if value is None:
-        value = default
-    kind = kind or type(default)
-    if kind is bool and isinstance(value, str):
-        if value.lower() not in ("true", "false", "1", "0", "yes", "no"):
-            raise UserError(f"--opt {key}={value}: write true or false")
-        return value.lower() in ("true", "1", "yes")
-    try:
-        return kind(value)
-    except (TypeError, ValueError):
-        raise UserError(f"--opt {key}={value!r}: expected {kind.__name__}") from None
 
 
 class FrozenFeatures:
