@@ -262,7 +262,10 @@ class _Routing:
 def load_balancing_loss(gates: list, num_experts: int) -> torch.Tensor:
     """Shazeer et al. 2017: cv^2(importance) + cv^2(load), averaged over layers.
 
-    importance = summed gate weights per expert (differentiable); load = samples routed per expert."""
+    importance = summed gate weights per expert (differentiable); load = samples routed per expert,
+    counted, so only the importance term carries a gradient. (Shazeer's smooth estimate of load,
+    P(expert in top-k) under the gate noise, which the original MoE-Adapters code uses in
+    training, is not implemented.)"""
     terms = []
     for weights, indices, logits in gates:
         if logits is None:

@@ -133,9 +133,21 @@ class ContinualMethod(nn.Module):
 
     def forward(self, batch: Batch, data: StepData) -> torch.Tensor:
         """The training loss: cross-entropy over the step's vocabulary by default."""
-        logits = self.logits(self.encode(batch), data.classes)
-        targets = _positions(batch.targets, data.classes)
-        return nn.functional.cross_entropy(logits, targets, label_smoothing=float(self.options.get("label_smoothing", 0.0)))
+        return self.classification_loss(self.encode(batch), batch, data)
+
+    def classification_loss(self, features: torch.Tensor, batch: Batch, data: StepData) -> torch.Tensor:
+        """Cross-entropy of `logits` over the step's classes (option `label_smoothing`)."""
+        return nn.functional.cross_entropy(self.logits(features, data.classes), self.positions(batch.targets, data.classes),
+                                           label_smoothing=option(self.options, "label_smoothing", 0.0))
+
+    def positions(self, targets: torch.Tensor, classes: torch.Tensor) -> torch.Tensor:
+        """Global class indices -> positions within `classes`. The look-up table is built once per
+        vocabulary tensor (a step's), not per batch: building it reads classes.max() on the host."""
+        cached = self.__dict__.get("_position_table")
+        if cached is None or cached[0] is not classes:
+            cached = (classes, _positions(torch.arange(int(classes.max()) + 1, device=classes.device), classes))
+            self.__dict__["_position_table"] = cached
+        return cached[1][targets]
 
     def end_step(self, t: int, data: StepData) -> None:
         pass

@@ -118,13 +118,6 @@ class MoEMethod(ContinualMethod):
             return torch.zeros((), device=self._device)
         return self.lb_weight * load_balancing_loss(ctx.gates, self.num_experts).to(self._device)
 
-    def _classification_loss(self, feats: torch.Tensor, batch: Batch, data) -> torch.Tensor:
-        from .base import _positions
-
-        logits = self.logits(feats, data.classes)
-        return F.cross_entropy(logits, _positions(batch.targets, data.classes),
-                               label_smoothing=option(self.options, "label_smoothing", 0.0))
-
     def expert_statistics(self) -> dict:
         return {"experts": self.num_experts, "top_k": self.top_k,
                 "usage": self.usage.round().int().tolist(),
