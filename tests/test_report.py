@@ -6,7 +6,6 @@ from __future__ import annotations
 import base64
 import json
 import re
-import shutil
 import struct
 import subprocess
 import sys
@@ -14,6 +13,7 @@ from pathlib import Path
 
 import pytest
 
+from browser import chromium
 from uniil.errors import UserError
 from uniil.trainer import metrics
 from uniil.trainer.report import (COLUMNS, comparison_rows, format_metric, format_row, load_run, load_runs,
@@ -226,20 +226,6 @@ def test_report_overwrites_previous(report):
 
 
 # -- as a person sees it ----------------------------------------------------------------------
-
-CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
-FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-         "--disable-background-networking", "--disable-component-update", "--disable-sync"]
-
-
-def chromium(*args: str, user_dir) -> str:
-    if CHROMIUM is None:
-        pytest.fail("chromium is not installed: `make test` installs Debian's chromium (apt-get install chromium)")
-    proc = subprocess.run([CHROMIUM, *FLAGS, f"--user-data-dir={user_dir}", *args], capture_output=True,
-                          text=True, timeout=120)
-    assert proc.returncode == 0, proc.stderr[-2000:]
-    return proc.stdout
-
 
 @pytest.mark.browser
 def test_report_renders_in_chromium(report, tmp_path):
