@@ -151,3 +151,25 @@ def test_bad_option_values_are_one_line_errors(tmp_path, tiny_pool, method, opt,
                   "--out", tmp_path / "r")
     assert res.code == 1 and message in res.err and "Traceback" not in res.err, res.err
     assert not (tmp_path / "r" / "metrics.json").exists()
+
+
+@pytest.mark.slow
+def test_ddp_statistics_count_every_test_image_once(tmp_path):
+    """Under DDP each rank evaluates a shard; the recorded DDAS counts cover the whole test sets."""
+    import subprocess
+    import sys
+
+    from conftest import free_port
+
+    out = tmp_path / "ddp"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "1", "--nproc-per-node", "2",
+           "--master-addr", "127.0.0.1", "--master-port", str(free_port()), "-m", "uniil.cli", "train", *FAST,
+           "--method", "moe-adapters", "--opt", "preset=mtil", "--opt", "num_experts=4", "--opt", "ddas_epochs=2",
+           "--out", str(out)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    m = json.loads((out / "metrics.json").read_text())
+    evaluated = sum(m["test_sizes"])  # every step's test set is evaluated after every step
+    for stats in m["statistics"]:
+        ddas = stats["ddas"]
+        assert sum(ddas["task_counts"]) + ddas["original_clip"] == evaluated

@@ -35,7 +35,7 @@ from ...errors import UserError
 from ..adapters import RoutingContext, noisy_logits
 from .base import Batch, StepData, fraction, option, register_method
 from .mage_attributes import AttributeMatcher, ConfidenceHistogram
-from .moe_common import MoEMethod
+from .moe_common import MoEMethod, summed_over_ranks
 
 log = logging.getLogger(__name__)
 
@@ -156,7 +156,9 @@ class Mage(MoEMethod):
     # -- records --------------------------------------------------------------------------------
     def statistics(self) -> dict:
         stats = {**self.expert_statistics(), **self._stats}
-        if self._eval_on:
-            on = torch.cat(self._eval_on)
-            stats["selector"] = {"test_images": len(on), "original_clip": int((~on).sum())}
+        if not self.no_selector:  # unconditional: every DDP rank joins the sum, even with an empty shard
+            on = torch.cat(self._eval_on) if self._eval_on else torch.zeros(0, dtype=torch.bool, device=self._device)
+            n, off = summed_over_ranks(torch.stack([on.new_tensor(len(on), dtype=torch.long), (~on).sum()])).tolist()
+            if n:
+                stats["selector"] = {"test_images": n, "original_clip": off}
         return stats

@@ -38,7 +38,7 @@ from ...errors import UserError
 from ..adapters import RoutingContext, noisy_logits
 from .base import Batch, StepData, fraction, option, register_method
 from .ddas import TaskSelector
-from .moe_common import MoEMethod
+from .moe_common import MoEMethod, summed_over_ranks
 
 log = logging.getLogger(__name__)
 
@@ -150,10 +150,12 @@ class MoEAdapters(MoEMethod):
     # -- records --------------------------------------------------------------------------------
     def statistics(self) -> dict:
         stats = {**self.expert_statistics(), "routers": len(self.w_gate)}
-        if self.selector is not None and self._choices:
-            task = torch.cat([c[0] for c in self._choices])
-            on = torch.cat([c[1] for c in self._choices])
-            stats["ddas"] = {"task_counts": torch.bincount(task[on], minlength=len(self.selector.tasks)).tolist(),
-                             "original_clip": int((~on).sum()),
-                             "thresholds": [round(float(ae.threshold), 6) for ae in self.selector.tasks]}
+        if self.selector is not None and len(self.selector.tasks):  # every DDP rank joins the sum
+            task = torch.cat([c[0] for c in self._choices]) if self._choices else torch.zeros(0, dtype=torch.long)
+            on = torch.cat([c[1] for c in self._choices]) if self._choices else torch.zeros(0, dtype=torch.bool)
+            counts = torch.bincount(task[on].cpu(), minlength=len(self.selector.tasks)).to(self._device)
+            counts = summed_over_ranks(torch.cat([counts, (~on).sum().view(1).to(self._device)])).tolist()
+            if self._choices or sum(counts):
+                stats["ddas"] = {"task_counts": counts[:-1], "original_clip": counts[-1],
+                                 "thresholds": [round(float(ae.threshold), 6) for ae in self.selector.tasks]}
         return stats

@@ -16,6 +16,15 @@ from .base import Batch, ContinualMethod, option
 log = logging.getLogger(__name__)
 
 
+def summed_over_ranks(t: torch.Tensor) -> torch.Tensor:
+    """Evaluation counts summed over DDP ranks (each rank evaluates a shard of every test set).
+    Every rank must call it, with the same shape."""
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        t = t.clone()
+        torch.distributed.all_reduce(t)
+    return t
+
+
 class FrozenFeatures:
     """L2-normalised frozen CLIP image features of a batch: from the on-disk cache of its source
     (computed once per dataset split, then a gather), or, for sources that cannot be cached, by
@@ -121,5 +130,5 @@ class MoEMethod(ContinualMethod):
     def expert_statistics(self) -> dict:
         return {"experts": self.num_experts, "top_k": self.top_k,
                 "usage": self.usage.round().int().tolist(),
-                "eval_usage": self.eval_usage.round().int().tolist(),
+                "eval_usage": summed_over_ranks(self.eval_usage).round().int().tolist(),
                 "frozen": [[e for e, f in enumerate(row) if f] for row in self.adapters.frozen().tolist()]}
