@@ -327,3 +327,19 @@ def test_missing_dataset_is_a_one_line_error_with_the_layout(tmp_path, name, hin
     msg = str(err.value)
     assert "\n" not in msg and "not found" in msg and "--data-root DIR" in msg and hint in msg
     assert str(tmp_path / "nowhere" / name) in msg and not (tmp_path / "nowhere").exists()
+
+
+@pytest.mark.parametrize("method", ["finetune", "zeroshot"])  # images through the tower / cached features
+def test_an_unreadable_image_in_a_step_is_a_one_line_error(tmp_path, method):
+    from conftest import run_cli
+
+    base = make_office_home(tmp_path / "root")
+    for f in (base / "Real World" / "TV").iterdir():
+        f.write_bytes(b"not a jpeg")  # whichever split it falls in, the one-step run reads it
+    scenario = tmp_path / "s.yaml"
+    scenario.write_text("name: broken\nsteps:\n  - {dataset: office-home, classes: [alarm clock, tv, toothbrush], "
+                        "domain: real world}\n")
+    r = run_cli("train", "--scenario", scenario, "--method", method, "--clip-model", "uniil-tiny",
+                "--data-root", tmp_path / "root", "--out", tmp_path / "run")
+    assert r.code == 1 and "cannot be read, e.g." in r.err and "TV" in r.err and "fix or remove them" in r.err, r.err
+    assert "Traceback" not in r.err and not (tmp_path / "run" / "metrics.json").exists()

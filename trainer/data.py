@@ -14,6 +14,7 @@ from dataclasses import dataclass
 import torch
 
 from ..data.images import ImageSource, dataset_images, synthetic_images
+from ..errors import UserError
 
 log = logging.getLogger(__name__)
 
@@ -85,7 +86,19 @@ class TensorImages(torch.utils.data.Dataset):
         return len(self.source)
 
     def __getitem__(self, i: int):
-        return self.preprocess(self.source.load(i)), self.targets[i], i
+        try:
+            image = self.source.load(i)
+        except Exception as exc:  # PIL raises many kinds for broken files
+            raise unreadable(self.source, [i], exc) from None
+        return self.preprocess(image), self.targets[i], i
+
+
+def unreadable(source: ImageSource, bad: list[int], exc: Exception | None = None) -> UserError:
+    """A training or test set must be readable whole: a skipped image would silently change the
+    test sizes that runs are compared on."""
+    why = f" ({str(exc).splitlines()[0][:120]})" if exc is not None and str(exc) else ""
+    return UserError(f"{len(bad)} image(s) of {source.dataset}/{source.split} cannot be read, e.g. "
+                     f"{source.keys[bad[0]]}{why}; fix or remove them")
 
 
 def global_targets(source: ImageSource, vocab: Vocabulary) -> torch.Tensor:

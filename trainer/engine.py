@@ -25,7 +25,7 @@ from ..errors import UserError
 from . import checkpoint as ckpt
 from . import metrics as M
 from .config import TrainConfig
-from .data import DataOptions, TensorImages, global_targets, materialise, step_source, vocabulary
+from .data import DataOptions, TensorImages, global_targets, materialise, step_source, unreadable, vocabulary
 from .methods.base import Batch, ContinualMethod, StepData, method_class
 
 log = logging.getLogger(__name__)
@@ -325,6 +325,8 @@ class Trainer:
         if source.cache_key is None:
             raise UserError(f"{source.dataset}/{source.split} cannot be cached; this method needs cached features")
         fs = image_features(source, self.spec, device=str(self.device), progress=self.progress if self.dist.main else None)
+        if not fs.valid.all():
+            raise unreadable(source, np.flatnonzero(~fs.valid).tolist())
         return torch.from_numpy(fs.features)
 
     @torch.no_grad()
