@@ -368,4 +368,4 @@ def test_calfuse_options_on_the_command_line(tmp_path, cache_dir):
     assert [s["replay_rows"] for s in m["statistics"]] == [4, 8, 16]
     assert all(s["alpha_mean"] == pytest.approx(0.3) for s in m["statistics"])
     res = run_cli("train", *args, "--out", tmp_path / "bad", "--opt", "replay_cov=diagonal")
-    assert res.code == 1 and "calfuse: --opt replay_cov='diagonal'" in res.err and "Traceback" not in res.err
+    assert res.code == 1 and "--opt replay_cov='diagonal': use one of class, shared" in res.err and "Traceback" not in res.err

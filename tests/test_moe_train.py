@@ -143,7 +143,7 @@ def test_a_mistyped_option_is_refused_before_anything_loads(tmp_path, method, ty
     ("mage", "selector_quantile=5", "must be between 0 and 1"),
     ("moe-adapters", "num_experts=2.5", "expected a whole number"),
     ("moe-adapters", "ddas_reference=true", "name a dataset"),
-    ("finetune", "adapter_rank=wide", "expected int"),
+    ("finetune", "adapter_rank=wide", "expected a whole number"),
 ])
 def test_bad_option_values_are_one_line_errors(tmp_path, tiny_pool, method, opt, message):
     extra = ["--opt", "preset=mtil"] if opt.startswith("ddas") else []

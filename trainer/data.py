@@ -93,6 +93,19 @@ class TensorImages(torch.utils.data.Dataset):
         return self.preprocess(image), self.targets[i], i
 
 
+def cached_features(source: ImageSource, spec, device: str = "cpu", progress=None) -> torch.Tensor:
+    """Frozen CLIP image features [N, D] of a cacheable source: encoded once, then read from the
+    on-disk cache (attrpool.cache). An unreadable image is an error, as on the image path."""
+    from ..attrpool.cache import image_features
+
+    if source.cache_key is None:
+        raise UserError(f"{source.dataset}/{source.split} cannot be cached; this method needs cached features")
+    fs = image_features(source, spec, device=device, progress=progress)
+    if not fs.valid.all():
+        raise unreadable(source, [int(i) for i in (~fs.valid).nonzero()[0]])
+    return torch.from_numpy(fs.features)
+
+
 def unreadable(source: ImageSource, bad: list[int], exc: Exception | None = None) -> UserError:
     """A training or test set must be readable whole: a skipped image would silently change the
     test sizes that runs are compared on."""

@@ -25,7 +25,7 @@ from ..errors import UserError
 from . import checkpoint as ckpt
 from . import metrics as M
 from .config import TrainConfig
-from .data import DataOptions, TensorImages, global_targets, materialise, step_source, unreadable, vocabulary
+from .data import DataOptions, TensorImages, cached_features, global_targets, materialise, step_source, vocabulary
 from .methods.base import Batch, ContinualMethod, StepData, method_class
 
 log = logging.getLogger(__name__)
@@ -320,14 +320,7 @@ class Trainer:
         return self._test_cache[i]
 
     def _frozen_features(self, source) -> torch.Tensor:
-        from ..attrpool.cache import image_features
-
-        if source.cache_key is None:
-            raise UserError(f"{source.dataset}/{source.split} cannot be cached; this method needs cached features")
-        fs = image_features(source, self.spec, device=str(self.device), progress=self.progress if self.dist.main else None)
-        if not fs.valid.all():
-            raise unreadable(source, np.flatnonzero(~fs.valid).tolist())
-        return torch.from_numpy(fs.features)
+        return cached_features(source, self.spec, str(self.device), self.progress if self.dist.main else None)
 
     @torch.no_grad()
     def _features(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:

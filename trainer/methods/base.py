@@ -17,6 +17,7 @@ never pickled) plus the JSON-serialisable dict of `extra_state()`.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import ClassVar
 
@@ -49,23 +50,32 @@ def method_class(name: str) -> type["ContinualMethod"]:
     return METHODS[name]
 
 
-def option(options: dict, key: str, default, kind=None):
-    """options[key] converted to the type of `default` (or `kind`), as a one-line user error."""
+def option(options: dict, key: str, default, kind=None, choices: tuple[str, ...] | None = None):
+    """options[key] (or `default`) as the type of `default` (or `kind`), or one of `choices`;
+    anything else is a one-line user error. Every method reads its `--opt` values through this."""
     value = options.get(key)
     if value is None:
         value = default
+    if choices is not None:
+        if value not in choices:
+            raise UserError(f"--opt {key}={value!r}: use one of {', '.join(choices)}")
+        return value
     kind = kind or type(default)
     if kind is bool:
         text = str(value).lower()
         if text not in ("true", "false", "1", "0", "yes", "no"):
             raise UserError(f"--opt {key}={value}: write true or false")
         return text in ("true", "1", "yes")
-    if kind is int and isinstance(value, float) and not value.is_integer():
-        raise UserError(f"--opt {key}={value}: expected a whole number")
-    try:
-        return kind(value)
-    except (TypeError, ValueError):
-        raise UserError(f"--opt {key}={value!r}: expected {kind.__name__}") from None
+    if kind in (int, float):
+        wanted = "a whole number" if kind is int else "a number"
+        try:
+            number = float(value) if not isinstance(value, bool) else math.nan
+        except (TypeError, ValueError):
+            number = math.nan
+        if not math.isfinite(number) or (kind is int and not number.is_integer()):
+            raise UserError(f"--opt {key}={value!r}: expected {wanted}")
+        return kind(number)
+    return kind(value)
 
 
 def fraction(options: dict, key: str, default: float) -> float:

@@ -71,15 +71,14 @@ label_smoothing   of the cross-entropy (default 0.0)
 from __future__ import annotations
 
 import logging
-import math
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from ...errors import UserError
-from .base import Batch, ContinualMethod, StepData, _positions, register_method
+from ..data import cached_features
+from .base import Batch, ContinualMethod, StepData, option, register_method
 
 log = logging.getLogger(__name__)
 
@@ -184,23 +183,7 @@ def confusable_pairs(text: torch.Tensor, distance: float) -> torch.Tensor:
 # -- the method -------------------------------------------------------------------------------------
 def _parse_options(options: dict) -> dict:
     CalFuse.check_options(options)
-    out = {}
-    for key, default in DEFAULTS.items():
-        value = options.get(key, default)
-        if value is None:
-            value = default
-        if isinstance(default, bool):
-            if isinstance(value, str) and value.lower() in ("true", "false", "1", "0", "yes", "no"):
-                value = value.lower() in ("true", "1", "yes")
-            if not isinstance(value, bool):
-                raise UserError(f"calfuse: --opt {key}={value!r}: write true or false")
-        elif isinstance(default, float):
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-                raise UserError(f"calfuse: --opt {key}={value!r}: expected a number")
-            value = float(value)
-        elif key in CHOICES and value not in CHOICES[key]:
-            raise UserError(f"calfuse: --opt {key}={value!r}: use one of {', '.join(CHOICES[key])}")
-        out[key] = value
+    out = {key: option(options, key, default, choices=CHOICES.get(key)) for key, default in DEFAULTS.items()}
     if not 0.0 <= out["replay_shrinkage"] <= 1.0:
         raise UserError(f"calfuse: --opt replay_shrinkage={out['replay_shrinkage']}: must lie in [0, 1]")
     if not 0.0 < out["alpha"] < 1.0 and out["calibration"] == "fixed":
@@ -236,7 +219,6 @@ class CalFuse(ContinualMethod):
         self.w_old: torch.Tensor | None = None
         self._sampler = None  # (rows, means, cholesky factors) of the current step, built lazily
         self._confusable = None
-        self._lookup = None
         self._alpha_sum = None
         self._alpha_n = 0
         self._stats: dict = {}
@@ -264,7 +246,7 @@ class CalFuse(ContinualMethod):
                 self.A.copy_(torch.eye(self.dim, device=self.A.device))
         else:
             self.w_old = None  # taken at the first forward: after a resume A is loaded only later
-        self._sampler = self._confusable = self._lookup = None
+        self._sampler = self._confusable = None
         self._alpha_sum, self._alpha_n = None, 0
 
     # -- the model ------------------------------------------------------------------------------
@@ -318,9 +300,7 @@ class CalFuse(ContinualMethod):
         _, alpha, cos = self.calibrate(f, seen, with_cosines=True)  # cos [B, S] = g . t_c over the seen classes
         self._alpha_sum = alpha.detach().sum() + (self._alpha_sum if self._alpha_sum is not None else 0.0)
         self._alpha_n += len(alpha)
-        if self._lookup is None:  # global class -> position in the seen vocabulary, once per step
-            self._lookup = _positions(torch.arange(int(seen.max()) + 1, device=seen.device), seen)  # -1: unseen
-        pos = self._lookup[y]
+        pos = self.positions(y, seen)
         loss = F.cross_entropy(LOGIT_SCALE * cos, pos, label_smoothing=self.cfg["label_smoothing"])
         if self.cfg["hinge_weight"] > 0:
             loss = loss + self.cfg["hinge_weight"] * self._hinge(cos, pos, seen)
@@ -407,17 +387,12 @@ class CalFuse(ContinualMethod):
 
     def _step_features(self, data: StepData) -> tuple[torch.Tensor, torch.Tensor]:
         """The step's cached training features (the ones the engine trained on) and global labels."""
-        from ...attrpool.cache import image_features
-
         source = data.train_source
         if source is None:
             return torch.zeros(0, self.dim), torch.zeros(0, dtype=torch.long)
-        fs = image_features(source, self.clip.spec, device=str(self.A.device))
         to_global = dict(zip(data.step.labels, data.classes.tolist()))
-        valid = np.asarray(fs.valid, bool)
-        feats = torch.from_numpy(np.asarray(fs.features)[valid]).to(self.A.device)
-        labels = torch.tensor([to_global[y] for y, ok in zip(source.labels, valid) if ok], dtype=torch.long)
-        return feats, labels.to(self.A.device)
+        feats = cached_features(source, self.clip.spec, str(self.A.device)).to(self.A.device)
+        return feats, torch.tensor([to_global[y] for y in source.labels], dtype=torch.long, device=self.A.device)
 
     # -- checkpoint state -----------------------------------------------------------------------
     def extra_state(self) -> dict:

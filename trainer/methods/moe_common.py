@@ -11,6 +11,7 @@ import torch.nn.functional as F
 
 from ...errors import UserError
 from ..adapters import Adapters, RoutingContext, expert_usage, load_balancing_loss
+from ..data import cached_features
 from .base import Batch, ContinualMethod, option
 
 log = logging.getLogger(__name__)
@@ -41,10 +42,7 @@ class FrozenFeatures:
             with torch.no_grad(), self.adapters.routing(None):
                 return F.normalize(self.clip.model.encode_image(batch.images).float(), dim=-1)
         if key not in self._by_source:
-            from ...attrpool.cache import image_features
-
-            fs = image_features(batch.source, self.clip.spec, device=str(self.clip.device))
-            self._by_source[key] = torch.from_numpy(fs.features)
+            self._by_source[key] = cached_features(batch.source, self.clip.spec, str(self.clip.device))
         return self._by_source[key][batch.index.cpu()].to(device, non_blocking=True)
 
     def of_source(self, source) -> torch.Tensor:
@@ -52,9 +50,7 @@ class FrozenFeatures:
         if getattr(source, "cache_key", None) is None:
             with self.adapters.routing(None):  # outside a routing context the blocks are the original ones
                 return torch.from_numpy(self.clip.encode_images([source.load(i) for i in range(len(source))]))
-        from ...attrpool.cache import image_features
-
-        return torch.from_numpy(image_features(source, self.clip.spec, device=str(self.clip.device)).features)
+        return cached_features(source, self.clip.spec, str(self.clip.device))
 
 
 class MoEMethod(ContinualMethod):

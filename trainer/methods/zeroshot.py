@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 
 from ...errors import UserError
-from .base import Batch, ContinualMethod, register_method
+from .base import Batch, ContinualMethod, option, register_method
 
 PROTOTYPES = ("class_names", "descriptions", "enriched")
 
@@ -24,9 +24,7 @@ class ZeroShot(ContinualMethod):
 
     def __init__(self, clip, text, options):
         super().__init__(clip, text, options)
-        kind = options.get("prototypes", "class_names")
-        if kind not in PROTOTYPES:
-            raise UserError(f"zeroshot: unknown prototypes '{kind}'; use {', '.join(PROTOTYPES)}")
+        kind = option(options, "prototypes", "class_names", choices=PROTOTYPES)
         if kind != "class_names":
             from ...attrpool.zeroshot import class_attribute_means, enriched_prototypes
 
@@ -34,7 +32,7 @@ class ZeroShot(ContinualMethod):
                 raise UserError(f"zeroshot with prototypes={kind} needs an attribute pool: pass --pool P.duckdb")
             means = class_attribute_means(options["pool"], list(options["class_names"]))
             protos = means if kind == "descriptions" else \
-                enriched_prototypes(text.cpu().numpy(), means, float(options.get("beta", 1.0)))
+                enriched_prototypes(text.cpu().numpy(), means, option(options, "beta", 1.0))
             protos = torch.nn.functional.normalize(torch.from_numpy(protos).float(), dim=-1)
             self.text = protos.to(text.device)
 
