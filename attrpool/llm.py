@@ -2,9 +2,10 @@
 
 - hosted:  `--llm openai:MODEL`, key from an environment variable (never stored or logged);
 - server:  `--llm-url URL --llm-model MODEL` (vLLM, llama.cpp's server, any compatible one);
-- local:   `--llm local[:PATH.gguf]`, a GGUF model run in-process by llama-cpp-python. Its own
-           OpenAI-compatible app is mounted as an in-memory ASGI transport, so the local model
-           goes through exactly the client code path the servers do; no port is opened.
+- local:   `--llm local[:PATH.gguf]`, a GGUF model served by llama-cpp-python's OpenAI-compatible
+           server in a child process on a free loopback port (local_server.py), so the local model
+           takes exactly the HTTP path that vLLM users take, and a native crash in llama.cpp ends
+           the build with one line instead of killing it.
 
 Structured output differs by server: OpenAI and vLLM take `response_format` json_schema,
 llama.cpp's servers want `{"type": "json_object", "schema": S}`, some take neither. The backend
@@ -156,7 +157,7 @@ class ChatBackend:
                                 "(or name another one with --api-key-env)")
         http_client = None
         if spec.kind == "local":
-            http_client = httpx2.AsyncClient(transport=_LazyLocalTransport(spec.gguf), timeout=None)
+            http_client = httpx2.AsyncClient(transport=_LocalServerTransport(spec.gguf, spec.model), timeout=None)
         self._client = openai.AsyncOpenAI(base_url=spec.base_url, api_key=key or "not-needed",
                                           max_retries=0, timeout=timeout_s, http_client=http_client)
         self._openai = openai
@@ -237,36 +238,54 @@ def answer_text(response: dict) -> str:
     return choice.get("text") or ""
 
 
-class _LazyLocalTransport(httpx2.AsyncBaseTransport):
-    """An httpx transport onto llama-cpp-python's OpenAI app, loading the model on first use only,
-    so a build with nothing left to ask never pays for loading it."""
+class _LocalServerTransport(httpx2.AsyncBaseTransport):
+    """Requests to the embedded model, sent over loopback HTTP to its own server process.
 
-    def __init__(self, gguf: Path):
-        self._gguf = gguf
-        self._inner = None
+    The process starts on the first request only, so a build with nothing left to ask never loads
+    the model. If it dies, the request in flight (and every later one) ends the build with one line
+    saying how it died; the collector has already recorded every answer received before."""
+
+    def __init__(self, gguf: Path, alias: str):
+        from .local_server import LocalModelServer
+
+        self.server = LocalModelServer(gguf, alias)
+        self.answered = 0
+        self._http = httpx2.AsyncHTTPTransport()
         self._lock = asyncio.Lock()
+        self._started = False
+
+    async def _ensure_started(self) -> None:
+        from .local_server import LocalModelError
+
+        if self._started:
+            return
+        async with self._lock:
+            if not self._started:
+                try:
+                    await asyncio.to_thread(self.server.start)
+                except LocalModelError as exc:
+                    raise FatalLLMError(str(exc)) from None
+                self._started = True
+
+    def _died(self) -> FatalLLMError:
+        return FatalLLMError(self.server.death_message(self.answered))
 
     async def handle_async_request(self, request):
-        if self._inner is None:
-            async with self._lock:
-                if self._inner is None:
-                    app = await asyncio.to_thread(_local_app, self._gguf)
-                    self._inner = httpx2.ASGITransport(app=app)
-        return await self._inner.handle_async_request(request)
+        await self._ensure_started()
+        if self.server.exited() is not None:
+            raise self._died()
+        request.url = request.url.copy_with(scheme="http", host="127.0.0.1", port=self.server.port)
+        try:
+            response = await self._http.handle_async_request(request)
+        except httpx2.TransportError:
+            # A dropped connection is a crash if the process is gone (give the kernel a moment to reap it).
+            if await asyncio.to_thread(self.server.exited, 2.0) is not None:
+                raise self._died() from None
+            raise
+        if response.status_code == 200:
+            self.answered += 1
+        return response
 
     async def aclose(self) -> None:
-        if self._inner is not None:
-            await self._inner.aclose()
-
-
-def _local_app(gguf: Path):
-    try:
-        from llama_cpp.server.app import create_app
-        from llama_cpp.server.settings import ModelSettings, ServerSettings
-    except ImportError:
-        raise UserError("--llm local needs llama-cpp-python with its server extra: "
-                        "pip install 'uniil[local]' (it compiles once, about 4 minutes)") from None
-    threads = max(1, min(os.cpu_count() or 1, 8))
-    settings = ModelSettings(model=str(gguf), model_alias=f"local:{gguf.name}", n_ctx=2048,
-                             n_threads=threads, n_threads_batch=threads, seed=0, verbose=False)
-    return create_app(server_settings=ServerSettings(), model_settings=[settings])
+        await self._http.aclose()
+        await asyncio.to_thread(self.server.stop)

@@ -28,7 +28,7 @@ def test_zero_initialised_experts_leave_the_backbone_output_unchanged(clip):
         router = lambda layer, cls: torch.randn(cls.shape[0], 4)  # noqa: E731
         with adapters.routing(RoutingContext(router, top_k=2)):
             after = clip.model.encode_image(x)
-    assert torch.equal(before, after)
+    torch.testing.assert_close(after, before, rtol=1e-5, atol=1e-6)  # x + 0, through the wrapper's own forward
 
 
 def test_training_adapters_never_touches_the_frozen_backbone(clip):

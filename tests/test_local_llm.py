@@ -1,9 +1,12 @@
-"""The real embedded LLM (SmolLM2-135M GGUF): in-process, and behind llama-cpp-python's own
-OpenAI-compatible server on loopback, started and stopped here."""
+"""The real embedded LLM (SmolLM2-135M GGUF): as `--llm local` runs it (llama-cpp-python's server in a
+child process that uniil starts and stops), what happens when that process dies, and the same
+server started by hand and reached with --llm-url."""
 
 from __future__ import annotations
 
 import json
+import os
+import signal
 import subprocess
 import sys
 import time
@@ -24,7 +27,7 @@ def gguf_path():
     return default_gguf()
 
 
-def test_local_model_in_process_builds_a_pool(cli, tmp_path):
+def test_local_model_builds_a_pool(cli, tmp_path):
     classes = tmp_path / "c.txt"
     classes.write_text("zebra\nfire truck\nstar\n")
     pool = tmp_path / "p.duckdb"
@@ -39,6 +42,127 @@ def test_local_model_in_process_builds_a_pool(cli, tmp_path):
     assert backends == [("local", "completion")]
     zebra = json.loads(cli("attrs", "list", "--pool", pool, "--class", "zebra", "--json").out)["zebra"]
     assert zebra and all(a != "zebra" for a in zebra)
+    assert not _model_servers(os.getpid())  # the model process was stopped with the build
+
+
+def test_installed_llama_cpp_leaves_out_the_amx_kernels_and_fits_this_cpu():
+    """The compile that `make venv` ran: never llama.cpp's AMX path (it segfaults on AMX CPUs), and
+    built for this machine's own instruction sets (a wheel for another CPU is not picked up)."""
+    from uniil.attrpool.llama_install import cpu_flags
+
+    info = llama_cpp.llama_print_system_info().decode()
+    assert "AMX_INT8 = 1" not in info, info
+    if "avx2" in cpu_flags():
+        assert "AVX2 = 1" in info, info
+    check = subprocess.run([sys.executable, "-m", "uniil.attrpool.llama_install", "--check"],
+                           capture_output=True, text=True)
+    assert check.returncode == 0, check.stdout
+
+
+def _model_servers(parent: int) -> list[int]:
+    """Pids of uniil's embedded-model server processes whose parent is `parent`."""
+    found = []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            cmd = open(f"/proc/{entry}/cmdline", "rb").read().split(b"\0")
+            ppid = int(open(f"/proc/{entry}/stat").read().rsplit(")", 1)[1].split()[1])
+        except (OSError, IndexError, ValueError):
+            continue
+        if ppid == parent and b"uniil.attrpool.local_server" in cmd:
+            found.append(int(entry))
+    return found
+
+
+def _wait_for_model_server(build: subprocess.Popen, answers: int = 0, timeout: float = 180) -> tuple[int, str]:
+    """The build's model process and its log, once it has answered `answers` requests."""
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        assert build.poll() is None, build.communicate()
+        pids = _model_servers(build.pid)
+        if pids:
+            log = os.readlink(f"/proc/{pids[0]}/fd/2")  # its stderr: the request log
+            served = open(log, errors="replace").read().count('HTTP/1.1" 200')
+            if served >= answers:
+                return pids[0], log
+        time.sleep(0.1)
+    raise AssertionError("the embedded model server did not answer in time")
+
+
+def _build_args(pool, *extra):
+    return [sys.executable, "-m", "uniil.cli", "attrs", "build", "--pool", str(pool), "--dataset", "synthetic",
+            "--domains", "", "--templates", "class-appearance,class-identify", "--llm", "local", "--clip-model", "uniil-tiny",
+            "--concurrency", "2", *map(str, extra)]
+
+
+def test_a_crash_of_the_model_process_ends_the_build_in_one_line_and_keeps_its_answers(tmp_path):
+    pool = tmp_path / "p.duckdb"
+    env = {**os.environ, "COLUMNS": "200"}
+    build = subprocess.Popen(_build_args(pool), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    try:
+        server, _ = _wait_for_model_server(build, answers=3)
+        os.kill(server, signal.SIGSEGV)  # what an AMX-built llama.cpp does in its first decode
+        out, err = build.communicate(timeout=120)
+    finally:
+        build.kill()
+    assert build.returncode == 1, (out, err)
+    lines = [ln for ln in err.splitlines() if ln.strip()]
+    assert len(lines) == 1 and "Traceback" not in err, err
+    assert f"pid {server}" in lines[0] and "signal 11 (SIGSEGV)" in lines[0] and "--llm-url" in lines[0]
+    assert not pool.exists()  # no finished pool; the work file keeps what was paid for
+    con = duckdb.connect(str(pool.with_name(pool.name + ".partial")), read_only=True)
+    kept = {k for (k,) in con.execute("SELECT request_key FROM llm_calls WHERE status = 'ok'").fetchall()}
+    con.close()
+    assert 3 <= len(kept) < 48
+
+    rerun = subprocess.run(_build_args(pool), capture_output=True, text=True, env=env, timeout=600)
+    assert rerun.returncode == 0, rerun.stderr
+    assert _reused(rerun.stdout) == len(kept)
+    con = duckdb.connect(str(pool), read_only=True)
+    ok = dict(con.execute("SELECT request_key, count(*) FROM llm_calls WHERE status = 'ok' GROUP BY ALL").fetchall())
+    con.close()
+    assert len(ok) == 48 and set(ok.values()) == {1}  # every prompt answered once: none asked twice
+    assert not _model_servers(os.getpid())
+
+
+def _reused(table: str) -> int:
+    for line in table.splitlines():
+        if "answers reused from the pool" in line:
+            return int(line.split("answers reused from the pool", 1)[1].replace("│", " ").split()[0])
+    raise AssertionError(table)
+
+
+def test_the_model_process_does_not_outlive_a_killed_build(tmp_path):
+    build = subprocess.Popen(_build_args(tmp_path / "p.duckdb"), stdout=subprocess.DEVNULL,
+                             stderr=subprocess.DEVNULL)
+    server, _ = _wait_for_model_server(build)
+    build.kill()  # kill -9: uniil cannot stop its child itself
+    build.wait()
+    deadline = time.time() + 10
+    while _alive(server) and time.time() < deadline:
+        time.sleep(0.1)
+    assert not _alive(server), "the model server outlived the build"
+
+
+def _alive(pid: int) -> bool:
+    try:
+        state = open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()[0]
+    except (OSError, IndexError):
+        return False
+    return state != "Z"  # a zombie has exited (its parent, init, reaps it)
+
+
+def test_a_file_that_is_not_a_model_is_one_line_and_leaves_no_pool(tmp_path):
+    fake = tmp_path / "broken.gguf"
+    fake.write_bytes(b"not a gguf file" * 100)
+    pool = tmp_path / "p.duckdb"
+    args = [a if a != "local" else f"local:{fake}" for a in _build_args(pool)]
+    r = subprocess.run(args, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 1
+    lines = [ln for ln in r.stderr.splitlines() if ln.strip()]
+    assert len(lines) == 1 and "broken.gguf" in lines[0] and "--llm-url" in lines[0], r.stderr
+    assert not pool.exists() and not pool.with_name(pool.name + ".partial").exists()
 
 
 @pytest.fixture

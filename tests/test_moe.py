@@ -13,6 +13,12 @@ from moe_fixtures import batch_of, fresh_clip, mage, moe, moe_cache, step_data, 
 from uniil.trainer.adapters import Adapters, RoutingContext, noisy_logits
 
 
+def close(actual: torch.Tensor, expected: torch.Tensor) -> None:
+    """Equal up to float rounding: two code paths (or x + 0 * y) may differ in the last bits on
+    some CPUs' kernels. Far tighter than any effect tested here (trained experts move outputs ~1e-2)."""
+    torch.testing.assert_close(actual, expected, rtol=1e-5, atol=1e-6)
+
+
 # -- gating --------------------------------------------------------------------------------------
 @pytest.mark.parametrize("make, options", [(moe, {"preset": "mtil", "num_experts": 6}), (mage, {"num_experts": 6})])
 def test_gating_picks_exactly_top_k_and_gates_sum_to_one(world, make, options):
@@ -48,9 +54,10 @@ def test_zero_initialised_experts_leave_the_backbone_output_unchanged(world, mak
         method = make(world, num_experts=4)
         method.begin_step(0, data)
         method.train()  # noisy routing, every sample through its experts
-        assert torch.equal(method.encode(batch), before)
+        # Arithmetic on another code path (the wrapper's own block forward): equal up to rounding.
+        close(method.encode(batch), before)
         method.eval()
-        assert torch.equal(method.encode(batch), before)
+        close(method.encode(batch), before)
 
 
 def test_load_balancing_loss_is_part_of_the_training_loss(world):
@@ -111,14 +118,14 @@ def test_mage_without_attributes_equals_a_shared_router_moe(world):
     with torch.no_grad():
         with reference.routing(RoutingContext(route(False), 2)):
             expected = F.normalize(reference_clip.model.encode_image(batch.images).float(), dim=-1)
-        assert torch.equal(method.encode(batch), expected)
+        close(method.encode(batch), expected)
         method.train()
         torch.manual_seed(5)
         got = method.encode(batch)
         torch.manual_seed(5)
         with reference.routing(RoutingContext(route(True), 2)):
             expected = F.normalize(reference_clip.model.encode_image(batch.images).float(), dim=-1)
-        assert torch.equal(got, expected)
+        close(got, expected)
 
 
 def test_mage_attributes_steer_the_router(world):
@@ -142,7 +149,7 @@ def test_mage_prototypes_and_anchoring(world, caplog):
     train(method, world, 0)
     assert "'circle' has no attributes" in caplog.text
     circle = vocab.names.index("circle")
-    assert torch.equal(method.text[circle], text[circle])  # no attributes: plain prototype
+    close(method.text[circle], text[circle])  # no attributes: plain prototype
     other = vocab.names.index(scenario.steps[0].classes[1])
     assert not torch.allclose(method.text[other], text[other])
     assert torch.allclose(method.text.norm(dim=-1), torch.ones(len(text)))
@@ -155,7 +162,7 @@ def test_mage_prototypes_and_anchoring(world, caplog):
     assert method._anchoring() > 0
     flat = mage(world, num_experts=4, beta=0.0)
     flat.begin_step(0, step_data(scenario, vocab, 0))
-    assert torch.equal(flat.text, text)
+    close(flat.text, text)  # normalise(t + 0 * mean): t up to the CPU's rounding
 
 
 @pytest.mark.parametrize("make", [moe, mage])
