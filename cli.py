@@ -24,6 +24,8 @@ scenario_app = typer.Typer(no_args_is_help=True, help="Continual-learning scenar
 app.add_typer(scenario_app, name="scenario")
 backbone_app = typer.Typer(no_args_is_help=True, help="Built-in offline CLIP backbones.")
 app.add_typer(backbone_app, name="backbone")
+methods_app = typer.Typer(help="Continual-learning methods and their --opt options.")
+app.add_typer(methods_app, name="methods")
 
 out = Console()
 err = Console(stderr=True)
@@ -130,11 +132,12 @@ def attrs_build(
     dataset: Annotated[Optional[str], typer.Option(help="Registry name (see the error for the list) or an ImageFolder root.")] = None,
     classes: Annotated[Optional[Path], typer.Option(help="File with one class name per line.")] = None,
     domains: Annotated[Optional[str], typer.Option(help="Comma-separated domains (styles), replacing the dataset's.")] = None,
-    llm: Annotated[Optional[str], typer.Option(help="local, local:PATH.gguf or openai:MODEL (default local).")] = None,
+    llm: Annotated[Optional[str], typer.Option(help="local, local:PATH.gguf, openai:MODEL, server:URL or an installed backend's NAME[:ARG] (default local).")] = None,
     llm_url: Annotated[Optional[str], typer.Option(help="Base URL of an OpenAI-compatible server, e.g. http://localhost:8000/v1.")] = None,
     llm_model: Annotated[Optional[str], typer.Option(help="Model name on --llm-url.")] = None,
     api_key_env: Annotated[Optional[str], typer.Option(help="Environment variable holding the API key.")] = None,
     structured: Annotated[str, typer.Option(help="auto, json_schema, json_object or none.")] = "auto",
+    llm_option: Annotated[Optional[list[str]], typer.Option("--llm-option", help="KEY=VALUE option of the LLM backend (repeatable), e.g. n_ctx=4096 for local.")] = None,
     form: Annotated[Optional[str], typer.Option(help="chat or completion (default: completion for local, chat otherwise).")] = None,
     templates: Annotated[Optional[str], typer.Option(help="Comma-separated prompt templates (default: all).")] = None,
     per_class: Annotated[int, typer.Option(help="Attributes asked for per prompt.")] = 8,
@@ -161,7 +164,7 @@ def attrs_build(
     _ensure_backbone(clip_model, clip_pretrained)
     cfg = BuildConfig(
         pool=pool, names=resolve_names(dataset, classes, _split(domains)),
-        llm=LLMSpec.from_options(llm, llm_url, llm_model, api_key_env, structured),
+        llm=LLMSpec.from_options(llm, llm_url, llm_model, api_key_env, structured, llm_option),
         backbone=BackboneSpec.from_options(clip_model, clip_pretrained), templates=_split(templates),
         per_class=per_class, concurrency=concurrency, max_requests=max_requests,
         dedupe_threshold=dedupe_threshold, form=form, batch_file=batch_file,
@@ -195,11 +198,8 @@ def attrs_stats(pool: PoolOpt, as_json: JsonOpt = False):
     """Counts of a pool: classes, domains, attributes, LLM calls, backbone."""
     from .attrpool.store import PoolStore
 
-    store = PoolStore.open_for_read(pool)
-    try:
+    with PoolStore.open_for_read(pool) as store:
         stats = store.stats()
-    finally:
-        store.close()
     if as_json:
         print(json.dumps(stats, indent=2))
         return
@@ -212,13 +212,10 @@ def attrs_stats(pool: PoolOpt, as_json: JsonOpt = False):
 def _attributes(pool: Path, kind: Optional[str], name: Optional[str]) -> dict[str, list[str]]:
     from .attrpool.store import PoolStore
 
-    store = PoolStore.open_for_read(pool)
-    try:
+    with PoolStore.open_for_read(pool) as store:
         if name is not None and name not in store.source_names(kind):
             raise UserError(f"{kind} '{name}' is not in pool {pool}; `uniil attrs list --pool {pool}` shows its sources")
         return store.attributes_by_source(kind, name)
-    finally:
-        store.close()
 
 
 @attrs_app.command("list")
@@ -273,9 +270,9 @@ def attrs_export(
     if output is None:
         sys.stdout.write(text)
     else:
-        tmp = output.with_name(output.name + ".tmp")
-        tmp.write_text(text, encoding="utf-8")
-        tmp.replace(output)
+        from .common import atomic_write_text
+
+        atomic_write_text(output, text)
         err.print(f"wrote {output}")
 
 
@@ -349,8 +346,9 @@ def attrs_match(
 def _match_cached(pool, source, top_k, backbone, device, as_json) -> None:
     import time
 
-    from .attrpool.cache import cache_dir, cached_matches
+    from .attrpool.cache import cached_matches
     from .attrpool.match import PoolAttributes
+    from .common import cache_dir
 
     attrs = PoolAttributes.load(pool)
     attrs.require_backbone(backbone, pool)
@@ -384,10 +382,10 @@ def attrs_eval(
     """Zero-shot accuracy: class-name prompts vs classification by description vs enriched prototypes."""
     import numpy as np
 
-    from .attrpool.cache import image_features
     from .attrpool.match import PoolAttributes
     from .attrpool.zeroshot import evaluate
     from .backbones.factory import load_backbone
+    from .backbones.features import image_features
     from .data.images import dataset_images
 
     source = dataset_images(dataset, split, domain, data_root, None)
@@ -461,17 +459,14 @@ def scenario_list():
         out.print(name)
 
 
-def _method_options(items: list[str]) -> dict:
-    """`--opt key=value` pairs; values parse as JSON when they can (numbers, booleans, lists)."""
+def _method_options(items: list[str]) -> dict[str, str]:
+    """`--opt key=value` pairs as text; the method's declared options type and check them."""
     opts = {}
     for item in items:
         key, sep, value = item.partition("=")
         if not sep or not key.strip():
             raise UserError(f"--opt {item!r}: write key=value, e.g. --opt adapter_rank=32")
-        try:
-            opts[key.strip().replace("-", "_")] = json.loads(value)
-        except ValueError:
-            opts[key.strip().replace("-", "_")] = value
+        opts[key.strip().replace("-", "_")] = value
     return opts
 
 
@@ -484,7 +479,7 @@ def _step_line(s) -> str:
 @app.command("train")
 def train(
     scenario: Annotated[str, typer.Option(help="A preset (uniil scenario list) or a scenario YAML file.")],
-    method: Annotated[str, typer.Option(help="zeroshot, finetune, ... (an unknown name lists them).")],
+    method: Annotated[str, typer.Option(help="zeroshot, finetune, ... (uniil methods lists them).")],
     out: Annotated[Path, typer.Option(help="Run directory: config, checkpoints, metrics.json.")],
     pool: Annotated[Optional[Path], typer.Option(help="Attribute pool (needed by attribute-guided methods).")] = None,
     clip_model: ClipModelOpt = None,
@@ -502,14 +497,9 @@ def train(
     download: Annotated[bool, typer.Option(help="Download torchvision datasets into --data-root.")] = False,
     train_per_class: Annotated[int, typer.Option(help="Synthetic dataset: training images per class and step.")] = 40,
     test_per_class: Annotated[int, typer.Option(help="Synthetic dataset: test images per class and step.")] = 10,
-    workers: Annotated[int, typer.Option(help="DataLoader workers for datasets too large to keep in memory.")] = 0,
     resume: Annotated[bool, typer.Option(help="Continue the run in --out after its last finished step.")] = False,
-    opt: Annotated[list[str], typer.Option("--opt", help="Method option key=value (repeatable).")] = [],
-    no_attributes: Annotated[bool, typer.Option("--no-attributes", help="mage ablation: z = 0 (a shared-router MoE).")] = False,
-    attr_kind: Annotated[Optional[str], typer.Option(help="mage: attributes that route: class, domain or both.")] = None,
-    attr_topk: Annotated[Optional[int], typer.Option(help="mage: attributes matched per image.")] = None,
-    no_selector: Annotated[bool, typer.Option("--no-selector", help="mage ablation: no zero-shot selector.")] = False,
-    beta: Annotated[Optional[float], typer.Option(help="mage / zeroshot: weight of the attribute mean in prototypes.")] = None,
+    opt: Annotated[list[str], typer.Option(
+        "--opt", help="Method option key=value (repeatable); uniil methods show METHOD lists them.")] = [],
 ):
     """Continual learning over a scenario; writes OUT/metrics.json and a checkpoint after every step."""
     from .trainer.config import TrainConfig
@@ -517,24 +507,61 @@ def train(
 
     global _interrupt_hint
     _interrupt_hint = f"interrupted; finished steps are kept in {out}: rerun the same command with --resume to continue"
-    options = _method_options(opt)
-    flags = {"no_attributes": no_attributes or None, "attr_kind": attr_kind, "attr_topk": attr_topk,
-             "no_selector": no_selector or None, "beta": beta}
-    given = {k: v for k, v in flags.items() if v is not None}
-    stray = [k for k in given if k not in {"mage": set(flags), "zeroshot": {"beta"}}.get(method, set())]
-    if stray:
-        raise UserError(f"--{stray[0].replace('_', '-')} is an option of --method mage"
-                        f"{' and zeroshot' if stray[0] == 'beta' else ''}; drop it for --method {method}")
-    options.update(given)
     _ensure_backbone(clip_model, clip_pretrained)
     cfg = TrainConfig(scenario, method, out, pool, clip_model, clip_pretrained, epochs, iters, batch_size, lr,
                       weight_decay, warmup, seed, device, precision, data_root, download, train_per_class,
-                      test_per_class, workers, resume, options)
+                      test_per_class, resume, _method_options(opt))
     with RichProgress(keep_finished=False) as progress:
         run_training(cfg, progress, on_step=lambda s: progress.print(_step_line(s)))
     from .trainer.report import load_run
 
     _print_runs([load_run(out)])
+
+
+@methods_app.callback(invoke_without_command=True)
+def methods_list(ctx: typer.Context, as_json: JsonOpt = False):
+    """The continual-learning methods (built-in, dropped into trainer/methods/, or installed plugins)."""
+    if ctx.invoked_subcommand is not None:
+        return
+    from .trainer.methods import known_methods, method_class
+
+    names = known_methods()
+    if as_json:
+        print(json.dumps({n: method_class(n).description() for n in names}, indent=2, ensure_ascii=False))
+        return
+    t = Table("method", "description", title="methods (uniil methods show NAME lists a method's --opt options)")
+    for name in names:
+        t.add_row(name, method_class(name).description())
+    out.print(t)
+
+
+@methods_app.command("show")
+def methods_show(name: Annotated[str, typer.Argument(help="A method name (uniil methods lists them).")],
+                 as_json: JsonOpt = False):
+    """A method's --opt options: type, default, choices and what each does; its presets."""
+    from .trainer.methods import method_class
+    from .trainer.methods.options import format_value, option_specs
+
+    cls = method_class(name)
+    specs = sorted(option_specs(cls.Options, cls.presets), key=lambda s: s.name != "preset")  # first: it sets others
+    defaults = cls.options_record({})  # the default preset applied: what a run without --opt gets
+    if as_json:
+        print(json.dumps({"name": name, "description": cls.description(), "needs_pool": cls.needs_pool,
+                          "options": [{"name": s.name, "type": s.type_name, "default": defaults[s.name],
+                                       "choices": list(s.choices) if s.choices else None, "help": s.help}
+                                      for s in specs],
+                          "presets": cls.presets}, indent=2, ensure_ascii=False))
+        return
+    t = Table("option", "type", "default", "choices", "help", title=f"{name}: {cls.description()}")
+    for s in specs:
+        t.add_row(s.name, s.type_name, format_value(defaults[s.name]),
+                  ", ".join(map(str, s.choices)) if s.choices else "", s.help)
+    out.print(t)
+    for preset, bundle in cls.presets.items():
+        shown = " ".join(f"{k}={format_value(v)}" for k, v in bundle.items())
+        out.print(f"presets: --opt preset={preset} sets {shown}", markup=False, highlight=False)
+    if cls.needs_pool:
+        out.print(f"{name} needs --pool (an attribute pool built with the run's backbone)", markup=False)
 
 
 def _print_runs(runs) -> None:
@@ -601,6 +628,11 @@ def demo(
     from .trainer.engine import train as run_training
     from .trainer.report import load_runs, write_report
 
+    from .trainer.methods import method_class
+    from .trainer.methods.options import format_value
+
+    for _, method, options in DEMO_RUNS:  # the typed path refuses a bad one before the pool is built
+        method_class(method).parse_options(options)
     pool = workdir / "synthetic.duckdb"
     spec = BackboneSpec.from_options(clip_model, None)
     _ensure_backbone(clip_model)
@@ -629,7 +661,7 @@ def demo(
         run_dir = workdir / "runs" / name
         tcfg = TrainConfig("synthetic-uniil", method, run_dir, pool=pool, clip_model=clip_model, epochs=epochs,
                            resume=(run_dir / "config.json").exists(), method_options=dict(options))
-        opts = "".join(f" --opt {k}={json.dumps(v) if isinstance(v, bool) else v}" for k, v in options.items())
+        opts = "".join(f" --opt {k}={format_value(v)}" for k, v in options.items())
         out.print(f"uniil train --scenario synthetic-uniil --method {method}{opts} --pool {pool} "
                   f"--clip-model {clip_model} --epochs {epochs} --out {run_dir}", markup=False, highlight=False)
         with RichProgress(keep_finished=False) as progress:

@@ -7,6 +7,7 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
+from ..common import atomic_path
 from ..errors import UserError
 from ..prompts.templates import answer_schema
 from .llm import LLMSpec, answer_text, request_body
@@ -16,14 +17,12 @@ ENDPOINTS = {"chat": "/v1/chat/completions", "completion": "/v1/completions"}
 
 def write_batch_file(path: Path, requests, spec: LLMSpec, max_tokens: int, structured: str) -> int:
     """Write one Batch API line per request; custom_id is the request key. Returns the count."""
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w", encoding="utf-8") as fh:
+    with atomic_path(path) as tmp, open(tmp, "w", encoding="utf-8") as fh:
         for r in requests:
             body = request_body(spec.model, r.form, r.payload.get("messages"), r.payload.get("prompt"),
                                 answer_schema(r.n), max_tokens, 0.0, 0, structured if r.form == "chat" else None)
             fh.write(json.dumps({"custom_id": r.key, "method": "POST", "url": ENDPOINTS[r.form], "body": body},
                                 ensure_ascii=False) + "\n")
-    tmp.replace(path)
     return len(requests)
 
 

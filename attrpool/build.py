@@ -12,13 +12,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..backbones.spec import BackboneSpec
+from ..common import NullProgress, Progress
 from ..data.registry import NameSet
 from ..errors import UserError
 from ..prompts.templates import load_templates
 from .canonical import derive_attributes
 from .collect import AttributeRequest, Collector, RetryPolicy, plan_requests, usable_phrases
 from .llm import ChatBackend, FatalLLMError, LLMSpec
-from .progress import NullProgress, Progress
 from .store import CallRecord, PoolStore, partial_path
 
 log = logging.getLogger(__name__)
@@ -68,12 +68,9 @@ def _pending(pool: Path, requests: list[AttributeRequest], backbone: BackboneSpe
     """What this build still has to ask, read without writing (and the backbone check, early)."""
     if _existing_work_file(pool) is None:
         return requests
-    store = PoolStore.open_for_read(pool, allow_partial=True)
-    try:
+    with PoolStore.open_for_read(pool, allow_partial=True) as store:
         store.check_backbone(backbone.id, backbone.cli_options())
         done = store.answered_keys([r.key for r in requests])
-    finally:
-        store.close()
     return [r for r in requests if r.key not in done]
 
 
@@ -199,8 +196,7 @@ def _close(store: PoolStore, pool: Path, outcome: str, *, created: bool) -> None
     if outcome == "finish":
         store.finish(pool)
         return
-    worth_keeping = outcome == "keep" or store.con.execute(
-        "SELECT count(*) FROM llm_calls WHERE status = 'ok'").fetchone()[0] > 0
+    worth_keeping = outcome == "keep" or store.has_paid_answers()
     path = store.path
     store.close()
     if created and not worth_keeping:
@@ -246,7 +242,7 @@ def ingest_batch_results(pool: Path, results_path: Path, *, threshold: float | N
         backbone = BackboneSpec(model, pretrained or None)
         if threshold is None:
             threshold = float(store.meta("dedupe_threshold") or 0.9)
-        pending = store.con.execute("SELECT count(*) FROM requests WHERE status = 'pending'").fetchone()[0]
+        pending = store.count_requests("pending")
         if pending:
             raise UserError(f"{pending} request(s) of pool {pool.name} still have no result; ingest their results "
                             "too (answers ingested so far are kept)")

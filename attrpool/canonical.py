@@ -14,13 +14,13 @@ from dataclasses import dataclass
 import numpy as np
 
 from ..backbones.spec import BackboneSpec
+from ..common import NullProgress, Progress
 from ..errors import UserError
 from ..prompts.templates import prompt_hash
 from .dedupe import EMBEDDER_ID, merge_near_duplicates
 from .index import build_index, serialize_index
 from .normalize import NORMALIZER_VERSION, normalize_phrase, usable_phrase
 from .parse import parse_attributes
-from .progress import NullProgress, Progress
 from .store import PoolStore
 
 log = logging.getLogger(__name__)

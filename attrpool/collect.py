@@ -16,12 +16,12 @@ import random
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
+from ..common import NullProgress, Progress
 from ..data.registry import NameSet
 from ..prompts.templates import PromptTemplate, answer_schema, prompt_hash
 from .llm import ChatBackend, FatalLLMError, LLMSpec, RejectedLLMError, TransientLLMError
 from .normalize import normalize_phrase, usable_phrase
 from .parse import parse_attributes
-from .progress import NullProgress, Progress
 from .store import CallRecord, PoolStore, dumps
 
 log = logging.getLogger(__name__)
@@ -145,9 +145,9 @@ class Collector:
             self.progress.advance("requests")
 
     def _record(self, req: AttributeRequest, attempt: int, status: str, **kw) -> CallRecord:
-        return CallRecord(req.key, self.spec.kind, self.spec.base_url if self.spec.kind != "local" else None,
-                          self.spec.model, req.template, req.form, req.prompt_hash,
-                          kw.pop("structured", None), attempt, status, **kw)
+        backend = self.spec.backend
+        return CallRecord(req.key, backend.name, backend.logged_base_url, self.spec.model, req.template,
+                          req.form, req.prompt_hash, kw.pop("structured", None), attempt, status, **kw)
 
     async def _ask(self, req: AttributeRequest) -> str:
         connection_only = True

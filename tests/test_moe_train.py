@@ -8,7 +8,7 @@ import json
 import pytest
 import torch
 
-from conftest import run_cli, server_args
+from conftest import run_cli, run_metrics, server_args
 from moe_fixtures import fresh_clip, moe_cache  # noqa: F401
 from uniil.trainer.adapters import Adapters, RoutingContext, noisy_logits
 
@@ -70,10 +70,6 @@ def test_torch_compile_forward_and_backward_on_cpu():
 
 
 # -- end to end ----------------------------------------------------------------------------------
-def _metrics(run):
-    return json.loads((run / "metrics.json").read_text())
-
-
 def test_train_moe_adapters_end_to_end(tmp_path):
     from safetensors.torch import load_file
 
@@ -81,15 +77,17 @@ def test_train_moe_adapters_end_to_end(tmp_path):
     res = run_cli("train", *FAST, "--method", "moe-adapters", "--out", run, "--opt", "preset=mtil",
                   "--opt", "num_experts=4", "--opt", "ddas_epochs=2", "--iters", "2")
     assert res.code == 0, res.err
-    m = _metrics(run)
-    assert m["finished_steps"] == len(m["steps"]) and m["last"] is not None
-    stats = m["statistics"][-1]
-    assert len(stats["usage"]) == 2 and stats["routers"] == len(m["steps"])
-    assert sum(stats["ddas"]["task_counts"]) + stats["ddas"]["original_clip"] == sum(m["test_sizes"])
+    m = run_metrics(run)
+    assert m.finished_steps == len(m.steps) and m.class_il.last is not None
+    stats = m.statistics[-1]
+    assert len(stats["usage"]) == 2 and stats["routers"] == len(m.steps)
+    assert sum(stats["ddas"]["task_counts"]) + stats["ddas"]["original_clip"] == sum(m.test_sizes)
     tensors = load_file(str(sorted((run / "checkpoints").glob("*.safetensors"))[-1]))
     assert "w_gate.0" in tensors and "selector.tasks.0.enc.weight" in tensors
     res = run_cli("train", *FAST, "--method", "moe-adapters", "--out", tmp_path / "bad", "--opt", "preset=nope")
-    assert res.code == 1 and "unknown --opt preset=nope" in res.err
+    assert res.code == 1 and "moe-adapters: --opt preset='nope': use one of cil, mtil" in res.err
+    recorded = json.loads((run / "config.json").read_text())["config"]["method_options"]
+    assert recorded["preset"] == "mtil" and recorded["num_experts"] == 4 and recorded["selector"] is True
 
 
 @pytest.fixture(scope="module")
@@ -107,10 +105,10 @@ def test_train_mage_end_to_end(tmp_path, tiny_pool):
     run = tmp_path / "mage"
     res = run_cli("train", *FAST, "--method", "mage", "--pool", tiny_pool, "--out", run, "--opt", "num_experts=4")
     assert res.code == 0, res.err
-    m = _metrics(run)
-    assert m["finished_steps"] == len(m["steps"]) and m["last"] is not None
-    stats = m["statistics"][-1]
-    assert stats["selector"]["test_images"] == sum(m["test_sizes"])
+    m = run_metrics(run)
+    assert m.finished_steps == len(m.steps) and m.class_il.last is not None
+    stats = m.statistics[-1]
+    assert stats["selector"]["test_images"] == sum(m.test_sizes)
     assert stats["top_matched"]["class"] and stats["active_attributes"]["class"] > 0
     res = run_cli("train", *FAST, "--method", "mage", "--pool", tiny_pool, "--out", tmp_path / "plain",
                   "--opt", "num_experts=4", "--opt", "no_attributes=true", "--opt", "attr_kind=class")
@@ -123,11 +121,13 @@ def test_mage_refuses_to_run_without_a_pool(tmp_path):
     assert not (tmp_path / "r" / "metrics.json").exists()
 
 
-def test_mage_ablation_flags_are_refused_for_other_methods(tmp_path):
-    res = run_cli("train", *FAST, "--method", "finetune", "--no-attributes", "--out", tmp_path / "r")
-    assert res.code == 1 and "--no-attributes is an option of --method mage" in res.err
-    res = run_cli("train", *FAST, "--method", "moe-adapters", "--beta", "0", "--out", tmp_path / "r")
-    assert res.code == 1 and "--beta is an option of --method mage and zeroshot" in res.err
+def test_mage_ablations_are_options_refused_for_other_methods(tmp_path):
+    res = run_cli("train", *FAST, "--method", "finetune", "--opt", "no_attributes=true", "--out", tmp_path / "r")
+    assert res.code == 1 and "finetune: unknown option(s) no_attributes; known: templates, adapter_rank" in res.err
+    res = run_cli("train", *FAST, "--method", "moe-adapters", "--opt", "beta=0", "--out", tmp_path / "r")
+    assert res.code == 1 and "moe-adapters: unknown option(s) beta; known:" in res.err
+    res = run_cli("train", *FAST, "--method", "mage", "--no-attributes", "--out", tmp_path / "r")
+    assert res.code == 2 and "No such option: --no-attributes" in res.err  # the flag is gone: --opt no_attributes=true
     assert not (tmp_path / "r").exists()
 
 
@@ -168,8 +168,8 @@ def test_ddp_statistics_count_every_test_image_once(tmp_path):
            "--out", str(out)]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    m = json.loads((out / "metrics.json").read_text())
-    evaluated = sum(m["test_sizes"])  # every step's test set is evaluated after every step
-    for stats in m["statistics"]:
+    m = run_metrics(out)
+    evaluated = sum(m.test_sizes)  # every step's test set is evaluated after every step
+    for stats in m.statistics:
         ddas = stats["ddas"]
         assert sum(ddas["task_counts"]) + ddas["original_clip"] == evaluated

@@ -19,3 +19,8 @@ def test_wheel_carries_code_and_data_under_one_namespace(tmp_path):
                   for p in (ROOT / d).rglob("*") if p.suffix in (".txt", ".yaml", ".json")]
     assert data_files and all(f"uniil/{f}" in names for f in data_files)
     assert "uniil/cli.py" in names and not any(n.startswith("uniil/tests/") for n in names)
+    # every module, subpackages included (a package missing from pyproject's list is silently left out)
+    modules = [p.relative_to(ROOT).as_posix() for p in ROOT.rglob("*.py")
+               if p.relative_to(ROOT).parts[0] not in ("tests", "benchmarks", "build", ".venv")]
+    missing = [m for m in modules if f"uniil/{m}" not in names]
+    assert not missing, f"modules not in the wheel: {missing}"

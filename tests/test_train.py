@@ -1,26 +1,21 @@
 """`uniil train` end to end on the synthetic scenario with the tiny backbone: metrics.json as
-methods.md defines it, safetensors checkpoints, determinism, Ctrl-C + --resume, bad input."""
+docs/methods.md#metrics defines it, safetensors checkpoints, determinism, Ctrl-C + --resume, bad input."""
 
 from __future__ import annotations
 
-import json
 import signal
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import pytest
 
-from conftest import run_cli
+from conftest import run_cli, run_metrics
 from uniil.trainer import metrics as M
 
 FAST = ["--scenario", "synthetic-uniil", "--clip-model", "uniil-tiny", "--train-per-class", "8",
         "--test-per-class", "4", "--batch-size", "32"]
 
-
-def _metrics(run: Path) -> dict:
-    return json.loads((run / "metrics.json").read_text())
 
 
 @pytest.fixture(scope="module")
@@ -33,22 +28,22 @@ def finetune_run(tmp_path_factory):
 
 def test_metrics_json_holds_the_full_matrix_and_the_field_metrics(finetune_run):
     run, res = finetune_run
-    m = _metrics(run)
-    a = m["accuracy_matrix"]
-    assert len(a) == 6 and all(len(row) == 6 for row in a) and m["finished_steps"] == 6
+    m = run_metrics(run)
+    a = m.class_il.accuracy_matrix
+    assert len(a) == 6 and all(len(row) == 6 for row in a) and m.finished_steps == 6
     assert all(0 <= v <= 100 for row in a for v in row)
-    expected = M.summarize(a, m["test_sizes"])
+    expected = M.summarize(a, m.test_sizes)
     for key in ("last", "avg", "avg_incremental", "transfer", "forgetting", "bwt"):
-        assert m[key] == pytest.approx(expected[key])
+        assert getattr(m.class_il, key) == pytest.approx(expected[key])
     # 8, 8, 16 shapes, 12 colours, 8, 24 shapes x 4 test images
-    assert m["test_sizes"] == [32, 32, 64, 48, 32, 96]
-    assert [s["kind"] for s in m["steps"]] == ["base", "class", "domain", "task", "class+domain", "domain"]
+    assert m.test_sizes == [32, 32, 64, 48, 32, 96]
+    assert [s.kind for s in m.steps] == ["base", "class", "domain", "task", "class+domain", "domain"]
     # two datasets: task-IL too, where a step competes only with its own dataset's classes
-    t = m["task_il"]["accuracy_matrix"]
-    assert len(t) == 6 and m["task_il"]["last"] == pytest.approx(M.last(t))
+    t = m.task_il.accuracy_matrix
+    assert len(t) == 6 and m.task_il.last == pytest.approx(M.last(t))
     assert all(t[j][i] >= a[j][i] for j in range(6) for i in range(6))  # a smaller vocabulary never hurts
-    assert m["versions"]["torch"] and m["config"]["method"] == "finetune"
-    assert len(m["timings"]["train_s"]) == 6
+    assert m.versions["torch"] and m.config["method"] == "finetune"
+    assert len(m.timings.train_s) == 6
     assert "step 6/6 [domain] synthetic/painting" in res.err  # one summary line per step
 
 
@@ -68,7 +63,7 @@ def test_same_seed_same_metrics(finetune_run, tmp_path):
     run, _ = finetune_run
     again = tmp_path / "again"
     assert run_cli("train", *FAST, "--method", "finetune", "--out", again).code == 0
-    assert _metrics(again)["accuracy_matrix"] == _metrics(run)["accuracy_matrix"]
+    assert run_metrics(again).class_il.accuracy_matrix == run_metrics(run).class_il.accuracy_matrix
     other = tmp_path / "other-seed"
     assert run_cli("train", *FAST, "--method", "finetune", "--out", other, "--seed", "1").code == 0
     from safetensors.torch import load_file
@@ -90,29 +85,29 @@ def test_ctrl_c_then_resume_ends_like_an_uninterrupted_run(finetune_run, tmp_pat
     _, err = proc.communicate(timeout=120)
     assert proc.returncode == 130, err
     assert "Traceback" not in err and "--resume" in err
-    m = _metrics(resumed)
-    assert 2 <= m["finished_steps"] < 6 and m["last"] is None  # partial, metrics not yet defined
+    m = run_metrics(resumed)
+    assert 2 <= m.finished_steps < 6 and m.class_il.last is None  # partial, metrics not yet defined
     res = run_cli("train", *FAST, "--method", "finetune", "--out", resumed, "--resume")
     assert res.code == 0, res.err
-    assert _metrics(resumed)["accuracy_matrix"] == _metrics(run)["accuracy_matrix"]
+    assert run_metrics(resumed).class_il.accuracy_matrix == run_metrics(run).class_il.accuracy_matrix
     # resuming a finished run trains nothing and keeps the result
     assert run_cli("train", *FAST, "--method", "finetune", "--out", resumed, "--resume").code == 0
-    assert _metrics(resumed)["finished_steps"] == 6
+    assert run_metrics(resumed).finished_steps == 6
 
 
 def test_zeroshot_reads_cached_features(tmp_path, monkeypatch):
     monkeypatch.setenv("UNIIL_CACHE_DIR", str(tmp_path / "cache"))
     res = run_cli("train", *FAST, "--method", "zeroshot", "--out", tmp_path / "zs")
     assert res.code == 0, res.err
-    m = _metrics(tmp_path / "zs")
-    a = m["accuracy_matrix"]
+    m = run_metrics(tmp_path / "zs")
+    a = m.class_il.accuracy_matrix
     # no training: a step's accuracy changes only with the vocabulary it competes in. Steps 3 and 6
     # add no class (same vocabulary as the step before), so their rows repeat the previous ones.
     assert a[2][:2] == a[1][:2] and a[5] == a[4]
     assert a[0][0] >= a[1][0] >= a[4][0]  # more classes to confuse with never helps a frozen model
     assert list((tmp_path / "cache" / "features").rglob("features.npy"))  # per (backbone, split) cache
     again = run_cli("train", *FAST, "--method", "zeroshot", "--out", tmp_path / "zs2")
-    assert again.code == 0 and _metrics(tmp_path / "zs2")["accuracy_matrix"] == a
+    assert again.code == 0 and run_metrics(tmp_path / "zs2").class_il.accuracy_matrix == a
 
 
 @pytest.mark.parametrize("args, message", [
@@ -165,8 +160,8 @@ def test_ddp_on_two_cpu_processes_matches_one_process(finetune_run, tmp_path):
            "-m", "uniil.cli", "train", *FAST, "--method", "finetune", "--out", str(ddp)]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    a, b = _metrics(ddp)["accuracy_matrix"], _metrics(run)["accuracy_matrix"]
-    assert _metrics(ddp)["test_sizes"] == _metrics(run)["test_sizes"]  # every test image counted once
+    a, b = run_metrics(ddp).class_il.accuracy_matrix, run_metrics(run).class_il.accuracy_matrix
+    assert run_metrics(ddp).test_sizes == run_metrics(run).test_sizes  # every test image counted once
     # the same updates up to float summation order: at most a couple of borderline predictions move
     assert max(abs(x - y) for ra, rb in zip(a, b) for x, y in zip(ra, rb)) <= 6.25
 
@@ -185,8 +180,8 @@ def test_description_zero_shot_through_the_engine(tmp_path, llm_server):
         res = run_cli("train", *FAST, "--method", "zeroshot", "--pool", pool, "--opt", f"prototypes={kind}",
                       "--out", runs[kind])
         assert res.code == 0, res.err
-    a = {k: _metrics(v)["accuracy_matrix"] for k, v in runs.items()}
-    assert a["descriptions"] != _metrics(tmp_path / "plain")["accuracy_matrix"]
+    a = {k: run_metrics(v).class_il.accuracy_matrix for k, v in runs.items()}
+    assert a["descriptions"] != run_metrics(tmp_path / "plain").class_il.accuracy_matrix
     assert a["enriched"] != a["descriptions"]
     res = run_cli("train", *FAST, "--method", "zeroshot", "--opt", "prototypes=descriptions", "--out", tmp_path / "x")
     assert res.code == 1 and "needs an attribute pool" in res.err

@@ -1,4 +1,4 @@
-"""Mixture-of-experts adapters inside open_clip's transformer blocks (methods.md, "the MoE adapter layer").
+"""Mixture-of-experts adapters inside open_clip's transformer blocks (docs/methods.md#moe-layer).
 
 Each chosen block is replaced by an `AdaptedBlock` that holds the original, frozen block and adds
 

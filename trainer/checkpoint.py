@@ -6,15 +6,16 @@ from __future__ import annotations
 
 import contextlib
 import json
-import os
 import signal
 import threading
 from pathlib import Path
 
+from ..common import atomic_path, atomic_write_text
 from ..errors import UserError
+from .records import METRICS_FILE, MetricsRecord
 
 CONFIG = "config.json"
-METRICS = "metrics.json"
+METRICS = METRICS_FILE
 STATE_DIR = "checkpoints"
 
 
@@ -33,15 +34,9 @@ def interrupts_deferred():
             raise KeyboardInterrupt
 
 
-def _atomic(path: Path, write) -> None:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    write(tmp)
-    tmp.replace(path)
-
-
 def write_json(path: Path, obj) -> None:
     with interrupts_deferred():
-        _atomic(path, lambda p: p.write_text(json.dumps(obj, indent=1, ensure_ascii=False), encoding="utf-8"))
+        atomic_write_text(path, json.dumps(obj, indent=1, ensure_ascii=False))
 
 
 def read_json(path: Path) -> dict:
@@ -61,10 +56,10 @@ def save_step(run_dir: Path, t: int, tensors: dict, extra: dict) -> None:
     from safetensors.torch import save_file
 
     weights, meta = step_paths(run_dir, t)
-    weights.parent.mkdir(parents=True, exist_ok=True)
     with interrupts_deferred():
-        _atomic(weights, lambda p: save_file(tensors, str(p)))
-        _atomic(meta, lambda p: p.write_text(json.dumps(extra), encoding="utf-8"))
+        with atomic_path(weights) as tmp:
+            save_file(tensors, str(tmp))
+        atomic_write_text(meta, json.dumps(extra))
 
 
 def load_step(run_dir: Path, t: int) -> tuple[dict, dict]:
@@ -77,7 +72,7 @@ def load_step(run_dir: Path, t: int) -> tuple[dict, dict]:
     return load_file(str(weights)), read_json(meta)
 
 
-def check_resume(run_dir: Path, identity: dict, resume: bool) -> dict | None:
+def check_resume(run_dir: Path, identity: dict, resume: bool) -> MetricsRecord | None:
     """The metrics record to continue from (None: a fresh run). Refuses to mix two runs' results."""
     config_path, metrics_path = run_dir / CONFIG, run_dir / METRICS
     if not config_path.exists():
@@ -92,4 +87,4 @@ def check_resume(run_dir: Path, identity: dict, resume: bool) -> dict | None:
         shown = ", ".join(f"{k} ({stored.get(k)!r} -> {identity.get(k)!r})" for k in differ[:3])
         raise UserError(f"--resume: {run_dir} holds a run with a different config: {shown}; "
                         "use the same options, or another --out")
-    return read_json(metrics_path) if metrics_path.exists() else None
+    return MetricsRecord.load(metrics_path) if metrics_path.exists() else None

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -9,7 +11,10 @@ from ..errors import UserError
 
 PRECISIONS = ("fp32", "bf16", "fp16")
 # Fields that do not change results: a resumed run may differ in these.
-NOT_IDENTITY = {"out", "resume", "device", "num_workers"}
+NOT_IDENTITY = {"out", "resume", "device"}
+# Fields earlier versions wrote that mean nothing now (num_workers: a --workers flag nothing read).
+RETIRED = {"num_workers"}
+PATHS = ("out", "pool", "data_root")
 
 
 @dataclass
@@ -33,16 +38,19 @@ class TrainConfig:
     download: bool = False
     synthetic_train_per_class: int = 40
     synthetic_test_per_class: int = 10
-    num_workers: int = 0
     resume: bool = False
+    # `--opt` options: as given (text or typed values) until the engine resolves them; a run's
+    # config.json records the resolved, typed options of the method (every declared field).
     method_options: dict = field(default_factory=dict)
 
     def validate(self) -> None:
         if self.precision not in PRECISIONS:
             raise UserError(f"unknown --precision {self.precision}; use {', '.join(PRECISIONS)}")
-        for name in ("epochs", "batch_size", "synthetic_train_per_class", "synthetic_test_per_class"):
+        flags = {"epochs": "--epochs", "batch_size": "--batch-size", "synthetic_train_per_class": "--train-per-class",
+                 "synthetic_test_per_class": "--test-per-class"}
+        for name, flag in flags.items():
             if getattr(self, name) < 1:
-                raise UserError(f"--{name.replace('_', '-')} must be at least 1")
+                raise UserError(f"{flag} must be at least 1")
         if self.iters is not None and self.iters < 1:
             raise UserError("--iters must be at least 1")
         if self.lr <= 0:
@@ -55,6 +63,37 @@ class TrainConfig:
                 d[k] = str(v)
         return d
 
+    @classmethod
+    def from_json(cls, data: dict) -> "TrainConfig":
+        """A config as `as_json` wrote it, this version's or an earlier one's (retired fields are dropped)."""
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - known - RETIRED)
+        if unknown:
+            raise UserError(f"run config has unknown setting(s) {', '.join(unknown)}: written by a newer uniil?")
+        values = {k: v for k, v in data.items() if k in known}
+        for k in PATHS:
+            if values.get(k) is not None:
+                values[k] = Path(values[k])
+        return cls(**values)
+
     def identity(self) -> dict:
         """The settings that determine a run's results (compared on --resume)."""
         return {k: v for k, v in self.as_json().items() if k not in NOT_IDENTITY}
+
+    def identity_against(self, stored: dict, resolve: Callable[[dict], dict], version: Callable[[], str]) -> dict:
+        """`identity()`, to compare with a stored one. Earlier versions recorded method options as
+        given (text, or only some keys): those count as ours when `resolve` (the method's typed
+        parser) turns them into the same resolved options. Options it cannot read are refused
+        naming the version (`version()`) that wrote them."""
+        identity = self.identity()
+        theirs = stored.get("method_options")
+        if stored.get("method") != self.method or not isinstance(theirs, dict) or theirs == identity["method_options"]:
+            return identity  # another method, or the same record: the plain comparison says it all
+        try:
+            resolved = resolve(theirs)
+        except UserError as exc:
+            raise UserError(f"--resume: {self.out} was written by {version()} with method options this "
+                            f"version cannot read ({exc}); start a new --out directory") from None
+        if resolved == identity["method_options"]:
+            identity["method_options"] = theirs
+        return identity

@@ -9,6 +9,7 @@ equal shard of every epoch's permutation and evaluates a shard of each test set.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 import os
@@ -23,10 +24,11 @@ import torch
 from ..backbones.spec import BackboneSpec
 from ..errors import UserError
 from . import checkpoint as ckpt
-from . import metrics as M
 from .config import TrainConfig
-from .data import DataOptions, TensorImages, cached_features, global_targets, materialise, step_source, vocabulary
-from .methods.base import Batch, ContinualMethod, StepData, method_class
+from .records import MetricsRecord, StepInfo
+from .sources import DataOptions, TensorImages, cached_features, global_targets, materialise, step_source, vocabulary
+from .methods.base import Batch, ContinualMethod, RunContext, StepData, method_class
+from .methods.options import options_json
 
 log = logging.getLogger(__name__)
 
@@ -95,7 +97,9 @@ class Trainer:
         self.cfg, self.progress, self.on_step = cfg, progress, on_step
         self.scenario = load_scenario(cfg.scenario)
         self.method_cls: type[ContinualMethod] = method_class(cfg.method)
-        self.method_cls.check_options(cfg.method_options)
+        self.method_opts = self.method_cls.parse_options(cfg.method_options)  # a typo fails before anything loads
+        # The run records the resolved, typed options (presets and defaults applied), not the text given.
+        self.cfg = cfg = dataclasses.replace(cfg, method_options=options_json(self.method_opts))
         self.spec = BackboneSpec.from_options(cfg.clip_model, cfg.clip_pretrained)
         self.device = torch.device(cfg.device)
         if self.device.type == "cuda" and not torch.cuda.is_available():
@@ -110,7 +114,7 @@ class Trainer:
     # -- set-up ---------------------------------------------------------------------------------
     def _load_pool(self):
         if self.cfg.pool is None:
-            if getattr(self.method_cls, "needs_pool", False):
+            if self.method_cls.requires_pool(self.method_opts):
                 raise UserError(f"method {self.cfg.method} needs an attribute pool: pass --pool P.duckdb "
                                 f"(build one with `uniil attrs build --dataset ... {self.spec.cli_options()}`)")
             return None
@@ -127,12 +131,26 @@ class Trainer:
         from ..backbones.factory import load_backbone
 
         self.clip = load_backbone(self.spec, device=str(self.device), progress=self.progress if self.dist.main else None)
-        templates = tuple(self.cfg.method_options.get("templates") or self.method_cls.default_templates)
+        templates = tuple(self.method_opts.templates.split("|"))
         text = torch.from_numpy(class_text_embeddings(self.clip, list(self.vocab.names), templates))
-        options = {**self.cfg.method_options, "pool": self.pool_attrs, "class_names": self.vocab.names,
-                   "data": self.data_opts}
-        method = self.method_cls(self.clip, text.to(self.device), options)
+        context = RunContext(self.pool_attrs, tuple(self.vocab.names), templates, self.data_opts, self.device)
+        method = self.method_cls(self.clip, text.to(self.device), self.method_opts, context)
         return method.to(self.device)
+
+    def _resume_identity(self) -> dict:
+        """The identity --resume compares; method options an earlier version recorded (as given,
+        not resolved) count as the same when they resolve to the same typed options."""
+        path = self.cfg.out / ckpt.CONFIG
+        if not (self.cfg.resume and path.is_file()):
+            return self.cfg.identity()
+        stored = ckpt.read_json(path).get("identity", {})
+        return self.cfg.identity_against(stored, self.method_cls.options_record, self._recorded_version)
+
+    def _recorded_version(self) -> str:
+        metrics = self.cfg.out / ckpt.METRICS
+        versions = ckpt.read_json(metrics).get("versions") if metrics.is_file() else None
+        version = (versions or {}).get("uniil") if isinstance(versions, dict) else None
+        return f"uniil {version}" if version else "an earlier uniil"
 
     def _step_data(self, t: int, with_source: bool) -> StepData:
         step = self.scenario.steps[t]
@@ -142,13 +160,13 @@ class Trainer:
         return StepData(t, step, classes, torch.tensor(seen, device=self.device), source)
 
     # -- the run --------------------------------------------------------------------------------
-    def run(self) -> dict:
+    def run(self) -> MetricsRecord:
         cfg = self.cfg
-        record = ckpt.check_resume(cfg.out, cfg.identity(), cfg.resume)
+        record = ckpt.check_resume(cfg.out, self._resume_identity(), cfg.resume)
         torch.manual_seed(_seed(cfg.seed, -1))  # initial method parameters depend on the seed alone
         self.method = self._build_method()
         steps = self.scenario.steps
-        start = 0 if record is None else int(record.get("finished_steps", 0))
+        start = 0 if record is None else record.finished_steps
         if record is None:
             record = self._new_record()
             if self.dist.main:
@@ -166,16 +184,12 @@ class Trainer:
         self.dist.barrier()
         return record
 
-    def _new_record(self) -> dict:
-        return {"scenario": self.scenario.name, "method": self.cfg.method, "backbone": self.spec.id,
-                "seed": self.cfg.seed,
-                "steps": [{"dataset": s.dataset, "domain": s.domain, "kind": s.kind, "classes": list(s.classes)}
-                          for s in self.scenario.steps],
-                "test_sizes": None, "accuracy_matrix": [], "task_il": None, "finished_steps": 0,
-                "timings": {"train_s": [], "eval_s": [], "images_per_s": []}, "statistics": [],
-                "config": self.cfg.as_json(), "versions": versions()}
+    def _new_record(self) -> MetricsRecord:
+        return MetricsRecord(self.scenario.name, self.cfg.method, self.spec.id, self.cfg.seed,
+                             [StepInfo(s.dataset, s.domain, s.kind, tuple(s.classes)) for s in self.scenario.steps],
+                             config=self.cfg.as_json(), versions=versions())
 
-    def _run_step(self, t: int, record: dict) -> None:
+    def _run_step(self, t: int, record: MetricsRecord) -> None:
         seed = _seed(self.cfg.seed, t)
         torch.manual_seed(seed)
         np.random.seed(seed % (2 ** 32 - 1))
@@ -188,38 +202,16 @@ class Trainer:
         t1 = time.perf_counter()
         row, task_row, sizes = self._evaluate_all(t)
         eval_s = time.perf_counter() - t1
-        record["test_sizes"] = sizes
-        record["accuracy_matrix"].append(row)
-        if task_row is not None:
-            record["task_il"] = record["task_il"] or {"accuracy_matrix": []}
-            record["task_il"]["accuracy_matrix"].append(task_row)
-        record["timings"]["train_s"].append(round(train_s, 3))
-        record["timings"]["eval_s"].append(round(eval_s, 3))
-        record["timings"]["images_per_s"].append(round(seen_images / train_s, 1) if seen_images else None)
-        record["statistics"].append(self.method.statistics())
-        record["finished_steps"] = t + 1
-        self._fill_metrics(record)
+        record.add_step(row, task_row, sizes, train_s, eval_s,
+                        round(seen_images / train_s, 1) if seen_images else None, self.method.statistics())
         if self.dist.main:
             ckpt.save_step(self.cfg.out, t, self.method.trainable_state(),
                            {"method": self.method.extra_state(), "step": t + 1})
-            ckpt.write_json(self.cfg.out / ckpt.METRICS, record)
+            ckpt.write_json(self.cfg.out / ckpt.METRICS, record.to_json())
         if self.on_step and self.dist.main:
             self.on_step(StepSummary(t + 1, len(self.scenario.steps), data.step.kind,
                                      f"{data.step.dataset}/{data.step.domain}", train_s, eval_s,
-                                     record["timings"]["images_per_s"][-1], row[t], float(np.mean(row[:t + 1]))))
-
-    def _fill_metrics(self, record: dict) -> None:
-        """Metrics over the finished rows; complete only once every step is trained."""
-        rows, total = record["accuracy_matrix"], len(self.scenario.steps)
-        done = len(rows) == total
-        summary = M.summarize(rows, record["test_sizes"]) if done else {}
-        for key in ("last", "avg", "avg_incremental", "transfer", "forgetting", "bwt"):
-            record[key] = summary.get(key)
-        if record["task_il"]:
-            task_rows = record["task_il"]["accuracy_matrix"]
-            task = M.summarize(task_rows, record["test_sizes"]) if done else {}
-            record["task_il"] = {"accuracy_matrix": task_rows, **{k: task.get(k) for k in (
-                "last", "avg", "avg_incremental", "transfer", "forgetting", "bwt")}}
+                                     record.timings.images_per_s[-1], row[t], float(np.mean(row[:t + 1]))))
 
     # -- training -------------------------------------------------------------------------------
     def _train(self, t: int, data: StepData, seed: int) -> int:
@@ -379,5 +371,5 @@ class Trainer:
         return float((vocab[logits.argmax(dim=1)] == targets).sum())
 
 
-def train(cfg: TrainConfig, progress=None, on_step=None) -> dict:
+def train(cfg: TrainConfig, progress=None, on_step=None) -> MetricsRecord:
     return Trainer(cfg, progress, on_step).run()

@@ -1,7 +1,7 @@
-"""The field's continual-learning metrics, from the full accuracy matrix (methods.md, "Metrics").
+"""The field's continual-learning metrics, from the full accuracy matrix (docs/methods.md#metrics).
 
 A[j, i] is the accuracy (percent) on step i's test set after training step j, for every i,
-also i > j (needed for Transfer). Indices here are 0-based; the formulas in methods.md are
+also i > j (needed for Transfer). Indices here are 0-based; the formulas in docs/methods.md are
 1-based. Metrics that need more than one step (transfer, forgetting, bwt) are None for T = 1.
 """
 

@@ -1,7 +1,7 @@
 """`uniil report`: compare finished (or interrupted) training runs.
 
 A run directory is the `--out` of `uniil train`; its `metrics.json` holds the accuracy matrix and
-the metrics of methods.md ("Metrics"). This module reads run directories (`load_run`), turns them
+the metrics of docs/methods.md#metrics. This module reads run directories (`load_run`), turns them
 into one comparison row each (`comparison_rows`, printed by the CLI), and writes a report folder
 (`write_report`): one heatmap PNG per run, one PNG of accuracy curves comparing every run, and a
 self-contained `report.html` embedding them (base64, viewable offline as one file).
@@ -17,17 +17,16 @@ import io
 import json
 import logging
 import math
-import os
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
-from uniil.errors import UserError
+from ..common import atomic_write_bytes
+from ..errors import UserError
+from .records import METRICS_FILE, METRIC_KEYS, Metrics, MetricsRecord
 
 log = logging.getLogger(__name__)
 
-METRICS_FILE = "metrics.json"
-METRIC_KEYS = ("last", "avg", "avg_incremental", "transfer", "forgetting", "bwt")
 
 # The comparison table: (row key, column header), in display order.
 COLUMNS: list[tuple[str, str]] = [
@@ -39,130 +38,15 @@ COLUMNS: list[tuple[str, str]] = [
 _TEXT_KEYS = {"name", "method", "scenario", "backbone", "steps"}
 
 
-@dataclass(frozen=True)
-class StepInfo:
-    dataset: str
-    domain: str
-    kind: str
-    classes: tuple[str, ...]
+@dataclass
+class RunRecord(MetricsRecord):
+    """A run directory's metrics record, and where it was read from."""
 
-    def label(self, index: int, with_dataset: bool = False) -> str:
-        """Axis label of step `index` (0-based), e.g. "2 class / sketch"."""
-        where = f"{self.dataset}:{self.domain}" if with_dataset else self.domain
-        return f"{index + 1} {self.kind} / {where}"
-
-
-@dataclass(frozen=True)
-class Metrics:
-    """One accuracy matrix (percent; only the finished rows) and its metrics (None when absent)."""
-    accuracy_matrix: list[list[float]]  # row j = after step j; NaN where an entry is missing
-    last: float | None = None
-    avg: float | None = None
-    avg_incremental: float | None = None
-    transfer: float | None = None
-    forgetting: float | None = None
-    bwt: float | None = None
-
-
-@dataclass(frozen=True)
-class RunRecord:
-    path: Path
-    name: str
-    scenario: str
-    method: str
-    backbone: str
-    seed: int | None
-    steps: list[StepInfo]
-    test_sizes: list[int]
-    class_il: Metrics
-    task_il: Metrics | None
-    finished_steps: int
-    timings: dict = field(default_factory=dict)
-    config: dict = field(default_factory=dict)
-    versions: dict = field(default_factory=dict)
-
-    @property
-    def total_steps(self) -> int:
-        return len(self.steps)
-
-    @property
-    def partial(self) -> bool:
-        return self.finished_steps < self.total_steps
-
-    @property
-    def datasets(self) -> list[str]:
-        return list(dict.fromkeys(s.dataset for s in self.steps))
+    path: Path = Path(".")
+    name: str = ""
 
 
 # -- loading ----------------------------------------------------------------------------------
-
-class _Malformed(Exception):
-    pass
-
-
-def _num(v, what: str) -> float | None:
-    if v is None:
-        return None
-    if isinstance(v, bool) or not isinstance(v, (int, float)):
-        raise _Malformed(f"{what} is not a number")
-    v = float(v)
-    return None if math.isnan(v) else v
-
-
-def _matrix(raw, total: int, what: str) -> list[list[float]]:
-    if not isinstance(raw, list) or len(raw) > total:
-        raise _Malformed(f"{what} must be a list of at most {total} rows")
-    rows = []
-    for j, row in enumerate(raw):
-        if not isinstance(row, list) or len(row) != total:
-            raise _Malformed(f"{what} row {j} must have {total} entries")
-        rows.append([math.nan if (x := _num(v, f"{what}[{j}][{i}]")) is None else x for i, v in enumerate(row)])
-    return rows
-
-
-def _metrics(raw: dict, total: int, what: str) -> Metrics:
-    if not isinstance(raw, dict):
-        raise _Malformed(f"{what} is not an object")
-    return Metrics(_matrix(raw.get("accuracy_matrix", []), total, f"{what}accuracy_matrix"),
-                   **{k: _num(raw.get(k), f"{what}{k}") for k in METRIC_KEYS})
-
-
-def _parse(data, run_dir: Path) -> RunRecord:
-    if not isinstance(data, dict):
-        raise _Malformed("the top level is not an object")
-    raw_steps = data.get("steps")
-    if not isinstance(raw_steps, list) or not raw_steps:
-        raise _Malformed("'steps' is missing or empty")
-    steps = []
-    for k, s in enumerate(raw_steps):
-        if not isinstance(s, dict):
-            raise _Malformed(f"steps[{k}] is not an object")
-        steps.append(StepInfo(str(s.get("dataset", "?")), str(s.get("domain", "?")), str(s.get("kind", "?")),
-                              tuple(str(c) for c in s.get("classes") or ())))
-    total = len(steps)
-    sizes = data.get("test_sizes") or []
-    if not isinstance(sizes, list):
-        raise _Malformed("'test_sizes' is not a list")
-    class_il = _metrics(data, total, "")
-    task_il = None if data.get("task_il") is None else _metrics(data["task_il"], total, "task_il.")
-    rows = len(class_il.accuracy_matrix)
-    finished = data.get("finished_steps", rows)
-    if isinstance(finished, bool) or not isinstance(finished, int) or not 0 <= finished <= total:
-        raise _Malformed(f"'finished_steps' must be an integer in 0..{total}")
-    if finished != rows:
-        log.warning("%s: finished_steps is %d but the accuracy matrix has %d rows; showing %d",
-                    run_dir, finished, rows, min(finished, rows))
-        finished = min(finished, rows)
-    seed = data.get("seed")
-    return RunRecord(
-        path=run_dir, name=run_dir.name, scenario=str(data.get("scenario", "?")),
-        method=str(data.get("method", "?")), backbone=str(data.get("backbone", "?")),
-        seed=seed if isinstance(seed, int) else None, steps=steps, test_sizes=[int(n) for n in sizes],
-        class_il=class_il, task_il=task_il, finished_steps=finished,
-        timings=data.get("timings") if isinstance(data.get("timings"), dict) else {},
-        config=data.get("config") if isinstance(data.get("config"), dict) else {},
-        versions=data.get("versions") if isinstance(data.get("versions"), dict) else {})
-
 
 def load_run(run_dir: Path) -> RunRecord:
     """Read one run directory. A missing directory, one without metrics.json, or a corrupt
@@ -178,16 +62,8 @@ def load_run(run_dir: Path) -> RunRecord:
             raise UserError(f"{run_dir} has no finished training step yet (no {METRICS_FILE}); "
                             f"resume it with `uniil train` or wait for its first step")
         raise UserError(f"{run_dir} is not a uniil run directory (no {METRICS_FILE}); pass the --out of `uniil train`")
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise UserError(f"{path} is corrupt ({exc.__class__.__name__}: {exc}); rerun `uniil train`") from None
-    except OSError as exc:
-        raise UserError(f"cannot read {path}: {exc.strerror or exc}") from None
-    try:
-        return _parse(data, run_dir.resolve())
-    except (_Malformed, TypeError, ValueError) as exc:
-        raise UserError(f"{path} is not a valid uniil metrics file ({exc}); rerun `uniil train`") from None
+    record = MetricsRecord.load(path)
+    return RunRecord(**vars(record), path=run_dir.resolve(), name=run_dir.resolve().name)
 
 
 def load_runs(run_dirs) -> list[RunRecord]:
@@ -321,7 +197,7 @@ def curves_png(runs: list[RunRecord]) -> bytes:
         xs = list(range(1, len(rows) + 1))
         label = f"{r.name} ({r.method}" + (f", {r.scenario})" if mixed else ")") + (" [partial]" if r.partial else "")
         style = dict(marker=markers[k % len(markers)], linestyle="--" if r.partial else "-", label=label)
-        left.plot(xs, [_seen_accuracy(row, r.test_sizes, j) for j, row in enumerate(rows)], **style)
+        left.plot(xs, [_seen_accuracy(row, r.test_sizes or [], j) for j, row in enumerate(rows)], **style)
         right.plot(xs, [_all_accuracy(row) for row in rows], **style)
     ticks = list(range(1, t_max + 1))
     if not mixed and len({r.total_steps for r in runs}) == 1:
@@ -346,15 +222,6 @@ def curves_png(runs: list[RunRecord]) -> bytes:
 
 
 # -- the report folder ------------------------------------------------------------------------
-
-def _atomic_write(path: Path, data: bytes) -> None:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        tmp.write_bytes(data)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-
 
 def _slug(name: str) -> str:
     return re.sub(r"[^A-Za-z0-9._-]+", "_", name).strip("._") or "run"
@@ -405,10 +272,10 @@ def _run_html(run: RunRecord, png: bytes, anchor: str) -> str:
     e = html.escape
     status = (f"<b>partial</b>: {run.finished_steps} of {run.total_steps} steps finished" if run.partial
               else f"complete: {run.total_steps} steps")
-    train = sum(x for x in run.timings.get("train_s") or [] if isinstance(x, (int, float)))
-    evals = sum(x for x in run.timings.get("eval_s") or [] if isinstance(x, (int, float)))
+    train = sum(x for x in run.timings.train_s if isinstance(x, (int, float)))
+    evals = sum(x for x in run.timings.eval_s if isinstance(x, (int, float)))
     steps = "".join(f"<tr><td>{k + 1}</td><td>{e(s.kind)}</td><td>{e(s.dataset)}</td><td>{e(s.domain)}</td>"
-                    f"<td>{len(s.classes)}</td><td class='num'>{run.test_sizes[k] if k < len(run.test_sizes) else '-'}"
+                    f"<td>{len(s.classes)}</td><td class='num'>{run.test_sizes[k] if k < len(run.test_sizes or []) else '-'}"
                     f"</td></tr>" for k, s in enumerate(run.steps))
     config = "".join(f"<tr><td>{e(k)}</td><td>{e(v)}</td></tr>" for k, v in _flatten(run.config)) \
         or "<tr><td colspan='2'>(none recorded)</td></tr>"
@@ -438,12 +305,12 @@ def write_report(runs: list[RunRecord], out_dir: Path) -> Path:
     out_dir.mkdir(parents=True, exist_ok=True)
 
     curves = curves_png(runs)
-    _atomic_write(out_dir / "curves.png", curves)
+    atomic_write_bytes(out_dir / "curves.png", curves)
     sections = []
     for n, run in enumerate(runs, 1):
         png = heatmap_png(run)
         name = f"matrix-{n}-{_slug(run.name)}.png"
-        _atomic_write(out_dir / name, png)
+        atomic_write_bytes(out_dir / name, png)
         sections.append(_run_html(run, png, f"run-{n}"))
         log.info("wrote %s", out_dir / name)
 
@@ -455,7 +322,7 @@ def write_report(runs: list[RunRecord], out_dir: Path) -> Path:
                  f"({html.escape(', '.join(scenarios))}): compare their numbers with care.</p>")
     page = ("<!doctype html><html><head><meta charset='utf-8'><title>uniil report</title>"
             f"<style>{_STYLE}</style></head><body><h1>uniil report: {len(runs)} run(s)</h1>{mixed}"
-            "<h2>Comparison</h2><p class='note'>Class-IL accuracy in percent (methods.md, Metrics); "
+            "<h2>Comparison</h2><p class='note'>Class-IL accuracy in percent (docs/methods.md, Metrics); "
             "task-IL when the scenario records it; '-' = not available (partial run or a single step).</p>"
             + _table_html(rows)
             + "<h2>Per-step accuracy</h2><p class='note'>Left: accuracy on the union of the test sets of the steps "
@@ -468,6 +335,6 @@ def write_report(runs: list[RunRecord], out_dir: Path) -> Path:
             "[...document.images].filter(i=>i.complete&&i.naturalWidth>0).length;});</script>"
             "</body></html>")
     out = out_dir / "report.html"
-    _atomic_write(out, page.encode("utf-8"))
+    atomic_write_bytes(out, page.encode("utf-8"))
     log.info("wrote %s", out)
     return out

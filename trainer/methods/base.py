@@ -1,15 +1,35 @@
-"""The contract every continual-learning method follows, and the registry that names them.
+"""The contract every continual-learning method follows.
 
-As in Mammoth, a method is one file: a `ContinualMethod` subclass decorated with
-`@register_method("name")`. The engine owns the loop, the data, the optimiser, precision, DDP,
-evaluation and checkpoints; a method says what to train and how to classify:
+As in Mammoth, a method is one file in trainer/methods/ (or a module an installed package names
+under the entry-point group `uniil.methods`, see registry.py): a `ContinualMethod` subclass
+decorated with `@register_method("name")`. The engine owns the loop, the data, the optimiser,
+precision, DDP, evaluation and checkpoints; a method says what to train and how to classify.
 
-    begin_step(t, step)        structural set-up for step t (new routers, ...); must be cheap and
+Declared on the class:
+
+    Options           a frozen dataclass of the method's `--opt` options, each field declared with
+                      options.opt(default, help, ...); subclass ContinualMethod.Options (or the
+                      parent method's). An optional `check(self)` relates several options.
+    presets           {preset name: {option: value}}; with presets the Options declare `preset`,
+                      whose bundle applies before the explicit options
+    needs_pool        True: the engine refuses to start without `--pool` (`requires_pool` may
+                      decide from the options instead)
+    trains            False: no optimisation (zeroshot)
+    uses_frozen_features  True: batches carry cached frozen CLIP features instead of images
+
+Called by the engine:
+
+    Method(clip, text, opts, context)   clip: the loaded, frozen backbone; text [C, D]: the class
+                               text embeddings t_c of every class of the scenario, in global class
+                               order; opts: an Options instance (a mapping is parsed into one);
+                               context: the RunContext
+    begin_step(t, data)        structural set-up for step t (new routers, ...); must be cheap and
                                deterministic, because a resumed run replays it for finished steps
-    forward(batch)             the training loss of one batch (a scalar tensor)
-    end_step(t, step, data)    after training step t (freeze experts, fit statistics, fuse, ...)
+    forward(batch, data)       the training loss of one batch (a scalar tensor)
+    end_step(t, data)          after training step t (freeze experts, fit statistics, fuse, ...)
     encode(batch)              L2-normalised image features used for classification
     logits(features, classes)  scores over global class indices (default: 100 * f . t_c)
+    statistics()               per-step figures the run records (JSON-serialisable)
 
 State that must survive a checkpoint is the method's parameters and buffers (saved as safetensors,
 never pickled) plus the JSON-serialisable dict of `extra_state()`.
@@ -17,73 +37,23 @@ never pickled) plus the JSON-serialisable dict of `extra_state()`.
 
 from __future__ import annotations
 
-import math
-from dataclasses import dataclass, field
-from typing import ClassVar
+import sys
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, ClassVar
 
 import torch
 from torch import nn
 
 from ...errors import UserError
+from .options import opt, options_json, parse_options
+from .registry import METHODS, known_methods, method_class, register_method
 
-METHODS: dict[str, type["ContinualMethod"]] = {}
+if TYPE_CHECKING:
+    from ..sources import DataOptions
 
-
-def register_method(name: str):
-    def wrap(cls):
-        cls.name = name
-        METHODS[name] = cls
-        return cls
-    return wrap
-
-
-def known_methods() -> list[str]:
-    from . import calfuse, finetune, mage, moe_adapters, zeroshot  # noqa: F401  (the built-in methods register on import)
-
-    return sorted(METHODS)
-
-
-def method_class(name: str) -> type["ContinualMethod"]:
-    known = known_methods()
-    if name not in METHODS:
-        raise UserError(f"unknown method '{name}'; known: {', '.join(known)}")
-    return METHODS[name]
-
-
-def option(options: dict, key: str, default, kind=None, choices: tuple[str, ...] | None = None):
-    """options[key] (or `default`) as the type of `default` (or `kind`), or one of `choices`;
-    anything else is a one-line user error. Every method reads its `--opt` values through this."""
-    value = options.get(key)
-    if value is None:
-        value = default
-    if choices is not None:
-        if value not in choices:
-            raise UserError(f"--opt {key}={value!r}: use one of {', '.join(choices)}")
-        return value
-    kind = kind or type(default)
-    if kind is bool:
-        text = str(value).lower()
-        if text not in ("true", "false", "1", "0", "yes", "no"):
-            raise UserError(f"--opt {key}={value}: write true or false")
-        return text in ("true", "1", "yes")
-    if kind in (int, float):
-        wanted = "a whole number" if kind is int else "a number"
-        try:
-            number = float(value) if not isinstance(value, bool) else math.nan
-        except (TypeError, ValueError):
-            number = math.nan
-        if not math.isfinite(number) or (kind is int and not number.is_integer()):
-            raise UserError(f"--opt {key}={value!r}: expected {wanted}")
-        return kind(number)
-    return kind(value)
-
-
-def fraction(options: dict, key: str, default: float) -> float:
-    """An option that is a quantile or fraction: a float in [0, 1]."""
-    value = option(options, key, default, float)
-    if not 0.0 <= value <= 1.0:
-        raise UserError(f"--opt {key}={value}: must be between 0 and 1 (e.g. 0.05 for 5%)")
-    return value
+__all__ = ["METHODS", "Batch", "ContinualMethod", "RunContext", "StepData", "known_methods", "method_class", "opt",
+           "register_method", "templates_option"]
 
 
 @dataclass
@@ -107,35 +77,75 @@ class StepData:
     classes: torch.Tensor  # global class indices of the step (training vocabulary)
     seen_classes: torch.Tensor  # global class indices of every step <= this one
     train_source: object = None
-    extra: dict = field(default_factory=dict)
 
 
-# Keys the engine puts into a method's options itself (not `--opt` options).
-ENGINE_KEYS = frozenset({"pool", "class_names", "templates", "data"})
+@dataclass(frozen=True)
+class RunContext:
+    """What the run gives a method besides its options: set by the engine, never by `--opt`."""
+
+    pool: object = None  # attrpool.match.PoolAttributes of `--pool`, or None
+    class_names: tuple[str, ...] = ()  # every class of the scenario, in global class order
+    templates: tuple[str, ...] = ()  # the prompt templates the class text embeddings were made with
+    data: DataOptions | None = None  # --data-root, --download, synthetic sizes
+    device: torch.device | None = None
+
+
+def _templates_problem(value: str) -> str | None:
+    if not all("{}" in t for t in value.split("|")):
+        return "every template needs {} where the class name goes (templates are separated by |)"
+    return None
+
+
+def templates_option(default: str = "a photo of a {}."):
+    """The `templates` option; a method whose paper prompts otherwise redeclares it with its default."""
+    return opt(default, "prompt template(s) of the class text embeddings t_c, separated by |; {} is the class name",
+               separator="|", check=_templates_problem)
 
 
 class ContinualMethod(nn.Module):
-    name: ClassVar[str] = ""
-    option_keys: ClassVar[frozenset[str]] = frozenset()  # the `--opt` keys the method reads
+    """A continual-learning method (see the module docstring for the contract)."""
+
+    @dataclass(frozen=True)
+    class Options:
+        """Options every method has."""
+
+        templates: str = templates_option()
+
+    name: ClassVar[str] = ""  # set by @register_method
+    presets: ClassVar[dict[str, dict]] = {}
+    needs_pool: ClassVar[bool] = False  # True: `--pool` is required (the engine checks it)
     trains: ClassVar[bool] = True  # False: no optimisation (zeroshot)
     uses_frozen_features: ClassVar[bool] = False  # True: batches carry cached frozen features, not images
-    default_templates: ClassVar[tuple[str, ...]] = ("a photo of a {}.",)
 
-    def __init__(self, clip, text: torch.Tensor, options: dict):
-        """`clip` is a loaded backbone (frozen); `text` [C, D] the class text embeddings t_c of
-        every class of the scenario, in global class order."""
+    def __init__(self, clip, text: torch.Tensor, opts=None, context: RunContext | None = None):
         super().__init__()
         self.clip = clip
         self.register_buffer("text", text, persistent=False)
-        self.options = dict(options)
+        self.opts = opts if type(opts) is self.Options else self.parse_options(opts)
+        self.context = context if context is not None else RunContext()
 
     @classmethod
-    def check_options(cls, options: dict) -> None:
-        """Refuse `--opt` keys the method does not read: a typo must not pass silently."""
-        unknown = sorted(set(options) - cls.option_keys - ENGINE_KEYS)
-        if unknown:
-            known = ", ".join(sorted(cls.option_keys)) or "none"
-            raise UserError(f"{cls.name}: unknown option(s) {', '.join(unknown)}; known: {known}")
+    def parse_options(cls, raw: Mapping | None):
+        """`--opt` values (text or typed) -> the method's Options; a one-line UserError otherwise."""
+        if raw is not None and not isinstance(raw, Mapping):
+            raise TypeError(f"{cls.name} options: a {cls.__name__}.Options or a mapping, not {type(raw).__name__}")
+        return parse_options(cls.name or cls.__name__, cls.Options, raw, cls.presets)
+
+    @classmethod
+    def options_record(cls, raw: Mapping | None) -> dict:
+        """The resolved, typed options as JSON (what a run's config records)."""
+        return options_json(cls.parse_options(raw))
+
+    @classmethod
+    def requires_pool(cls, opts) -> bool:
+        """Whether a run with these options needs `--pool`; `needs_pool` unless a method knows better."""
+        return cls.needs_pool
+
+    @classmethod
+    def description(cls) -> str:
+        """One line for `uniil methods`: the first line of the class's (or its module's) docstring."""
+        doc = cls.__dict__.get("__doc__") or getattr(sys.modules.get(cls.__module__), "__doc__", None) or ""
+        return doc.strip().splitlines()[0].strip() if doc.strip() else ""
 
     # -- the contract ---------------------------------------------------------------------------
     def begin_step(self, t: int, data: StepData) -> None:
@@ -146,9 +156,10 @@ class ContinualMethod(nn.Module):
         return self.classification_loss(self.encode(batch), batch, data)
 
     def classification_loss(self, features: torch.Tensor, batch: Batch, data: StepData) -> torch.Tensor:
-        """Cross-entropy of `logits` over the step's classes (option `label_smoothing`)."""
+        """Cross-entropy of `logits` over the step's classes, with the method's option
+        `label_smoothing` if it declares one (a method that does not has none to set)."""
         return nn.functional.cross_entropy(self.logits(features, data.classes), self.positions(batch.targets, data.classes),
-                                           label_smoothing=option(self.options, "label_smoothing", 0.0))
+                                           label_smoothing=getattr(self.opts, "label_smoothing", 0.0))
 
     def positions(self, targets: torch.Tensor, classes: torch.Tensor) -> torch.Tensor:
         """Global class indices -> positions within `classes`. The look-up table is built once per

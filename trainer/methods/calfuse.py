@@ -1,4 +1,4 @@
-"""`calfuse` (Guo et al. 2025, this project's reconstruction; methods.md, section "calfuse"):
+"""`calfuse` (Guo et al. 2025, this project's reconstruction; docs/methods.md#calfuse):
 dynamic feature calibration and QR parameter fusion on cached frozen CLIP features.
 
 The model is a D x D projection A on the frozen, L2-normalised image feature f(x) and a learned
@@ -26,7 +26,7 @@ A training step
    per-class feature statistics are merged into the replay tables (`class_moments`,
    `merge_moments`), from the cached features of the step's training split.
 
-Choices (methods.md marks them; each alternative is an option)
+Choices (docs/methods.md#calfuse marks them; each alternative is an option)
 ---------------------------------------------------------------
 - alpha: dynamic entropy gate with learned kappa and b (default). The entropies enter the gate
   detached (`detach_entropy`): the gate learns which feature to trust without teaching A to be
@@ -48,50 +48,25 @@ Choices (methods.md marks them; each alternative is an option)
 
 Options (`--opt key=value`)
 ---------------------------
-calibration       dynamic | fixed (default dynamic)
-alpha             the constant alpha of calibration=fixed (default 0.5)
-kappa_init        initial kappa (default 1.0)
-bias_init         initial b (default 0.0: alpha = 0.5 while A = I)
-detach_entropy    true | false (default true)
-fusion            qr | none (default qr)
-mu                fusion mask offset mu (default 0.6)
-projection_init   previous | identity (default previous)
-replay            true | false (default true)
-replay_ratio      pseudo-features per real feature in a batch (default 1.0)
-replay_key        class | domain (default class)
-replay_cov        class | shared (default class)
-replay_shrinkage  covariance shrinkage s in [0, 1] (default 0.1)
-replay_normalize  true | false (default true)
-hinge_weight      weight of the hinge term (default 1.0; 0 turns it off)
-hinge_distance    cosine distance below which two classes are confusable (default 0.55)
-hinge_margin      hinge margin (default 0.1)
-label_smoothing   of the cross-entropy (default 0.0)
+Declared, with defaults and one line of help each, in `CalFuse.Options` (`uniil methods show calfuse`).
 """
 
 from __future__ import annotations
 
 import logging
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from ...errors import UserError
-from ..data import cached_features
-from .base import Batch, ContinualMethod, StepData, option, register_method
+from ..sources import cached_features
+from .base import Batch, ContinualMethod, StepData, opt, register_method
 
 log = logging.getLogger(__name__)
 
 LOGIT_SCALE = 100.0
-DEFAULTS = {
-    "calibration": "dynamic", "alpha": 0.5, "kappa_init": 1.0, "bias_init": 0.0, "detach_entropy": True,
-    "fusion": "qr", "mu": 0.6, "projection_init": "previous",
-    "replay": True, "replay_ratio": 1.0, "replay_key": "class", "replay_cov": "class", "replay_shrinkage": 0.1,
-    "replay_normalize": True,
-    "hinge_weight": 1.0, "hinge_distance": 0.55, "hinge_margin": 0.1, "label_smoothing": 0.0,
-}
-CHOICES = {"calibration": ("dynamic", "fixed"), "fusion": ("qr", "none"), "projection_init": ("previous", "identity"),
-           "replay_key": ("class", "domain"), "replay_cov": ("class", "shared")}
 
 
 # -- pure math: tests call these directly ------------------------------------------------------------
@@ -106,7 +81,7 @@ def fusion_mask(p: torch.Tensor, r: torch.Tensor, mu: float = 0.6) -> torch.Tens
 
 def qr_fuse(w_old: torch.Tensor, w_new: torch.Tensor, mu: float = 0.6,
             mask: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """QR parameter fusion of a layer's weights [D, K] (methods.md, calfuse 3).
+    """QR parameter fusion of a layer's weights [D, K] (docs/methods.md#calfuse-qr-fusion).
 
     W_old = Q R (reduced QR), P = Q^T W_new, M = fusion_mask(P, R, mu) unless `mask` is given,
     W = Q (M * P + (1 - M) * R) + (I - Q Q^T) W_new. Returns (W, Q, M). M = 1 gives W_new; M = 0
@@ -181,38 +156,54 @@ def confusable_pairs(text: torch.Tensor, distance: float) -> torch.Tensor:
 
 
 # -- the method -------------------------------------------------------------------------------------
-def _parse_options(options: dict) -> dict:
-    CalFuse.check_options(options)
-    out = {key: option(options, key, default, choices=CHOICES.get(key)) for key, default in DEFAULTS.items()}
-    if not 0.0 <= out["replay_shrinkage"] <= 1.0:
-        raise UserError(f"calfuse: --opt replay_shrinkage={out['replay_shrinkage']}: must lie in [0, 1]")
-    if not 0.0 < out["alpha"] < 1.0 and out["calibration"] == "fixed":
-        raise UserError(f"calfuse: --opt alpha={out['alpha']}: must lie in (0, 1)")
-    for key in ("replay_ratio", "hinge_weight", "mu", "hinge_margin", "label_smoothing"):
-        if out[key] < 0:
-            raise UserError(f"calfuse: --opt {key}={out[key]}: must not be negative")
-    return out
-
-
 @register_method("calfuse")
 class CalFuse(ContinualMethod):
-    option_keys = frozenset(DEFAULTS)
+    """Guo et al. 2025 (a reconstruction): entropy-gated feature calibration, QR fusion, Gaussian replay."""
+
+    @dataclass(frozen=True)
+    class Options(ContinualMethod.Options):
+        calibration: str = opt("dynamic", "alpha(x): the learned entropy gate, or a constant alpha",
+                               choices=("dynamic", "fixed"))
+        alpha: float = opt(0.5, "the constant alpha of calibration=fixed, in (0, 1)")
+        kappa_init: float = opt(1.0, "initial kappa of the entropy gate")
+        bias_init: float = opt(0.0, "initial b of the entropy gate (0: alpha = 0.5 while A = I)")
+        detach_entropy: bool = opt(True, "the entropies enter the gate detached")
+        fusion: str = opt("qr", "QR parameter fusion of A after each step, or none", choices=("qr", "none"))
+        mu: float = opt(0.6, "fusion mask offset mu", minimum=0)
+        projection_init: str = opt("previous", "A enters a step as the fused A before it, or as I",
+                                   choices=("previous", "identity"))
+        replay: bool = opt(True, "Gaussian replay of earlier steps' feature statistics")
+        replay_ratio: float = opt(1.0, "pseudo-features per real feature in a batch", minimum=0)
+        replay_key: str = opt("class", "one Gaussian per class, or per (domain, class)", choices=("class", "domain"))
+        replay_cov: str = opt("class", "a full covariance per row, or one pooled covariance",
+                              choices=("class", "shared"))
+        replay_shrinkage: float = opt(0.1, "covariance shrinkage s toward a scaled identity", fraction=True)
+        replay_normalize: bool = opt(True, "pseudo-features are L2-normalised like real ones")
+        hinge_weight: float = opt(1.0, "weight of the hinge on confusable classes (0 turns it off)", minimum=0)
+        hinge_distance: float = opt(0.55, "cosine distance below which two classes are confusable")
+        hinge_margin: float = opt(0.1, "hinge margin", minimum=0)
+        label_smoothing: float = opt(0.0, "label smoothing of the cross-entropy", fraction=True)
+
+        def check(self) -> None:
+            if self.calibration == "fixed" and not 0.0 < self.alpha < 1.0:
+                raise UserError(f"--opt alpha={self.alpha}: must lie in (0, 1)")
+
     uses_frozen_features = True
 
-    def __init__(self, clip, text, options):
-        super().__init__(clip, text, options)
-        self.cfg = _parse_options(options)
+    def __init__(self, clip, text, opts=None, context=None):
+        super().__init__(clip, text, opts, context)
+        o = self.opts
         d = int(text.shape[1])
         self.dim = d
-        dynamic = self.cfg["calibration"] == "dynamic"
+        dynamic = o.calibration == "dynamic"
         self.A = nn.Parameter(torch.eye(d))
-        self.kappa = nn.Parameter(torch.tensor([float(self.cfg["kappa_init"])]), requires_grad=dynamic)
-        self.bias = nn.Parameter(torch.tensor([float(self.cfg["bias_init"])]), requires_grad=dynamic)
+        self.kappa = nn.Parameter(torch.tensor([float(o.kappa_init)]), requires_grad=dynamic)
+        self.bias = nn.Parameter(torch.tensor([float(o.bias_init)]), requires_grad=dynamic)
         # Replay tables, one row per key (class, or (domain, class)); grown in begin_step.
         self.register_buffer("replay_label", torch.zeros(0, dtype=torch.long))
         self.register_buffer("replay_count", torch.zeros(0))
         self.register_buffer("replay_mean", torch.zeros(0, d))
-        shared = self.cfg["replay_cov"] == "shared"
+        shared = o.replay_cov == "shared"
         self.register_buffer("replay_scatter", torch.zeros(1 if shared else 0, d, d))
         self.row_keys: list = []
         self.seen = torch.arange(len(text))  # replaced by the seen classes in begin_step
@@ -225,7 +216,7 @@ class CalFuse(ContinualMethod):
 
     # -- structure ------------------------------------------------------------------------------
     def _key(self, domain: str, cls: int):
-        return cls if self.cfg["replay_key"] == "class" else f"{domain}|{cls}"
+        return cls if self.opts.replay_key == "class" else f"{domain}|{cls}"
 
     def begin_step(self, t: int, data: StepData) -> None:
         self.seen = data.seen_classes.detach().to(self.A.device)
@@ -238,9 +229,9 @@ class CalFuse(ContinualMethod):
             self.replay_label = torch.cat([self.replay_label, labels])
             self.replay_count = torch.cat([self.replay_count, torch.zeros(r, device=dev)])
             self.replay_mean = torch.cat([self.replay_mean, torch.zeros(r, d, device=dev)])
-            if self.cfg["replay_cov"] == "class":
+            if self.opts.replay_cov == "class":
                 self.replay_scatter = torch.cat([self.replay_scatter, torch.zeros(r, d, d, device=dev)])
-        if self.cfg["projection_init"] == "identity":
+        if self.opts.projection_init == "identity":
             with torch.no_grad():
                 self.w_old = self.A.detach().clone()
                 self.A.copy_(torch.eye(self.dim, device=self.A.device))
@@ -259,18 +250,18 @@ class CalFuse(ContinualMethod):
         Every matmul counts on a busy CPU (each waits for the intra-op threads)."""
         f = f.float()
         fa = F.normalize(f @ self.A.T.to(f.dtype), dim=-1).float()
-        dynamic = self.cfg["calibration"] == "dynamic"
+        dynamic = self.opts.calibration == "dynamic"
         cos_f = cos_a = None
         if dynamic or with_cosines:
             t = self.text[vocab].float()
             cos_f, cos_a = (torch.cat([f, fa]) @ t.T).float().split(len(f))
         if dynamic:
             h_orig, h_adapt = entropy(LOGIT_SCALE * cos_f), entropy(LOGIT_SCALE * cos_a)
-            if self.cfg["detach_entropy"]:
+            if self.opts.detach_entropy:
                 h_orig, h_adapt = h_orig.detach(), h_adapt.detach()
             alpha = calibration_alpha(h_orig, h_adapt, self.kappa.float(), self.bias.float())[:, None]
         else:
-            alpha = torch.full((len(f), 1), self.cfg["alpha"], device=f.device)
+            alpha = torch.full((len(f), 1), self.opts.alpha, device=f.device)
         mix = alpha * f + (1.0 - alpha) * fa
         norm = mix.norm(dim=-1, keepdim=True).clamp(min=1e-12)
         g = mix / norm
@@ -292,7 +283,7 @@ class CalFuse(ContinualMethod):
             self.w_old = self.A.detach().clone()
         seen = data.seen_classes
         f, y = batch.features.to(self.A.device).float(), batch.targets.to(self.A.device)
-        n_pseudo = int(round(self.cfg["replay_ratio"] * len(f))) if self.cfg["replay"] else 0
+        n_pseudo = int(round(self.opts.replay_ratio * len(f))) if self.opts.replay else 0
         if n_pseudo:
             pf, py = self.sample_pseudo(n_pseudo)
             if len(pf):
@@ -301,16 +292,16 @@ class CalFuse(ContinualMethod):
         self._alpha_sum = alpha.detach().sum() + (self._alpha_sum if self._alpha_sum is not None else 0.0)
         self._alpha_n += len(alpha)
         pos = self.positions(y, seen)
-        loss = F.cross_entropy(LOGIT_SCALE * cos, pos, label_smoothing=self.cfg["label_smoothing"])
-        if self.cfg["hinge_weight"] > 0:
-            loss = loss + self.cfg["hinge_weight"] * self._hinge(cos, pos, seen)
+        loss = F.cross_entropy(LOGIT_SCALE * cos, pos, label_smoothing=self.opts.label_smoothing)
+        if self.opts.hinge_weight > 0:
+            loss = loss + self.opts.hinge_weight * self._hinge(cos, pos, seen)
         return loss
 
     def _hinge(self, cos: torch.Tensor, pos: torch.Tensor, seen: torch.Tensor) -> torch.Tensor:
         if self._confusable is None:
-            self._confusable = confusable_pairs(self.text[seen], self.cfg["hinge_distance"])
+            self._confusable = confusable_pairs(self.text[seen], self.opts.hinge_distance)
         neg = self._confusable[pos]  # [B, S]: confusable negatives of each sample's class
-        margins = F.relu(-cos.gather(1, pos[:, None]) + cos + self.cfg["hinge_margin"])
+        margins = F.relu(-cos.gather(1, pos[:, None]) + cos + self.opts.hinge_margin)
         return (margins * neg).sum() / neg.sum().clamp(min=1)
 
     # -- replay ---------------------------------------------------------------------------------
@@ -320,12 +311,12 @@ class CalFuse(ContinualMethod):
             if len(rows) == 0:
                 return rows, None, None
             count = self.replay_count[rows].double()
-            if self.cfg["replay_cov"] == "class":
+            if self.opts.replay_cov == "class":
                 scatter, dof = self.replay_scatter[rows].double(), count - 1
             else:
                 scatter = self.replay_scatter.double()
                 dof = (self.replay_count.double() - 1).clamp(min=0).sum().reshape(1)
-            cov = shrunk_covariance(scatter, dof, self.cfg["replay_shrinkage"])
+            cov = shrunk_covariance(scatter, dof, self.opts.replay_shrinkage)
             chol, info = torch.linalg.cholesky_ex(cov)
             if bool((info != 0).any()):  # numerically not positive definite: add jitter
                 eye = torch.eye(self.dim, dtype=cov.dtype, device=cov.device)
@@ -348,7 +339,7 @@ class CalFuse(ContinualMethod):
         x = means[:, None, :] + z @ chol.transpose(-1, -2)  # [R, k, D]; a shared factor broadcasts
         keep = torch.randperm(r * k, device=means.device)[:n]
         x = x.reshape(r * k, self.dim)[keep]
-        if self.cfg["replay_normalize"]:
+        if self.opts.replay_normalize:
             x = F.normalize(x, dim=-1)
         return x, self.replay_label[rows].repeat_interleave(k)[keep]
 
@@ -356,8 +347,8 @@ class CalFuse(ContinualMethod):
     def end_step(self, t: int, data: StepData) -> None:
         w_old = self.w_old if self.w_old is not None else self.A.detach().clone()
         mask_mean = None
-        if self.cfg["fusion"] == "qr":
-            fused, _, m = qr_fuse(w_old.float(), self.A.detach().float(), self.cfg["mu"])
+        if self.opts.fusion == "qr":
+            fused, _, m = qr_fuse(w_old.float(), self.A.detach().float(), self.opts.mu)
             self.A.copy_(fused)
             mask_mean = float(m.mean())
         self._update_replay(data)
@@ -366,7 +357,7 @@ class CalFuse(ContinualMethod):
                        "projection_change": float((self.A.detach() - w_old).norm()),
                        "replay_rows": int((self.replay_count > 0).sum()),
                        "confusable_pairs": int(confusable_pairs(self.text[data.seen_classes],
-                                                                self.cfg["hinge_distance"]).sum()) // 2}
+                                                                self.opts.hinge_distance).sum()) // 2}
         self.w_old = None
         log.debug("calfuse step %d: %s", t + 1, self._stats)
 
@@ -380,7 +371,7 @@ class CalFuse(ContinualMethod):
         n, mean, inc = merge_moments(self.replay_count.double(), self.replay_mean.double(), n2, mean2, scatter2)
         self.replay_count.copy_(n.float())
         self.replay_mean.copy_(mean.float())
-        if self.cfg["replay_cov"] == "class":
+        if self.opts.replay_cov == "class":
             self.replay_scatter.add_(inc.float())
         else:
             self.replay_scatter.add_(inc.sum(0, keepdim=True).float())

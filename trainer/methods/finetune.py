@@ -3,19 +3,27 @@ trained on each step in turn with no protection against forgetting."""
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 
 from ..adapters import Adapters, RoutingContext
-from .base import Batch, ContinualMethod, option, register_method
+from .base import Batch, ContinualMethod, opt, register_method
 
 
 @register_method("finetune")
 class Finetune(ContinualMethod):
-    option_keys = frozenset({"adapter_rank", "adapter_scale", "label_smoothing"})
-    def __init__(self, clip, text, options):
-        super().__init__(clip, text, options)
-        self.adapters = Adapters(clip.model, num_experts=1, rank=option(options, "adapter_rank", 64),
-                                 scale=option(options, "adapter_scale", 0.1))
+    """One adapter per image-tower block, trained on every step in turn: the lower bound."""
+
+    @dataclass(frozen=True)
+    class Options(ContinualMethod.Options):
+        adapter_rank: int = opt(64, "bottleneck width r of each adapter", minimum=1)
+        adapter_scale: float = opt(0.1, "scale s of the adapter output added to the block's")
+        label_smoothing: float = opt(0.0, "label smoothing of the cross-entropy", fraction=True)
+
+    def __init__(self, clip, text, opts=None, context=None):
+        super().__init__(clip, text, opts, context)
+        self.adapters = Adapters(clip.model, num_experts=1, rank=self.opts.adapter_rank, scale=self.opts.adapter_scale)
 
     def encode(self, batch: Batch) -> torch.Tensor:
         with self.adapters.routing(RoutingContext()):

@@ -1,4 +1,4 @@
-"""`mage`: Mixture of Attribute-Guided Experts (Uni-IL), this project's reading (methods.md).
+"""`mage`: Mixture of Attribute-Guided Experts (Uni-IL), this project's reading (docs/methods.md#mage).
 
 - Active pool and matching on frozen features (mage_attributes.py): z = [a_cls ; a_dom].
 - One router per block, shared by all steps, no task id anywhere:
@@ -17,24 +17,23 @@
   before it is introduced, for Transfer, uses t_c). Classes without attributes keep t_c (warning).
 - Loss: cross-entropy over the step's classes + load balancing (lb_weight) + anchoring (anchor).
 
-Options (`--opt k=v`; the CLI flags map to the first five): no_attributes (z = 0: a shared-router
-MoE), attr_kind (class|domain|both), attr_topk (5), no_selector, beta (1.0); num_experts (16),
-top_k (2), tau (0.05), router_init (1.0), anchor (1.0), lb_weight (0.01), freeze_top (2),
-selector_quantile (0.05), adapter_rank, adapter_scale, adapter_dropout, label_smoothing.
+Options (`--opt k=v`, declared in `Mage.Options`; `uniil methods show mage`): the ablations
+no_attributes (z = 0: a shared-router MoE), attr_kind (class|domain|both), attr_topk, no_selector,
+beta (0: plain prototypes), and the model's num_experts, top_k, tau, router_init, anchor, ...
 """
 
 from __future__ import annotations
 
 import logging
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ...errors import UserError
 from ..adapters import RoutingContext, noisy_logits
-from .base import Batch, StepData, fraction, option, register_method
-from .mage_attributes import AttributeMatcher, ConfidenceHistogram
+from .base import Batch, StepData, opt, register_method
+from .mage_attributes import KINDS, AttributeMatcher, ConfidenceHistogram
 from .moe_common import MoEMethod, summed_over_ranks
 
 log = logging.getLogger(__name__)
@@ -42,26 +41,33 @@ log = logging.getLogger(__name__)
 
 @register_method("mage")
 class Mage(MoEMethod):
-    needs_pool = True
-    option_keys = MoEMethod.option_keys | {"no_attributes", "attr_kind", "attr_topk", "no_selector", "beta", "tau",
-                                           "router_init", "anchor", "selector_quantile"}
+    """Uni-IL's Mixture of Attribute-Guided Experts: routers read the image's matched attributes (needs --pool)."""
 
-    def __init__(self, clip, text, options):
-        if options.get("pool") is None:
-            raise UserError("method mage needs an attribute pool: pass --pool P.duckdb")
-        super().__init__(clip, text, options, option(options, "num_experts", 16), option(options, "top_k", 2))
+    @dataclass(frozen=True)
+    class Options(MoEMethod.Options):
+        num_experts: int = opt(16, "experts E per image-tower block", minimum=1)
+        no_attributes: bool = opt(False, "ablation: z = 0, a shared-router MoE")
+        attr_kind: str = opt("both", "attributes that route", choices=KINDS)
+        attr_topk: int = opt(5, "attributes matched per image and kind", minimum=1)
+        no_selector: bool = opt(False, "ablation: no attribute-confidence selector (never the original CLIP)")
+        beta: float = opt(1.0, "weight of the attribute mean in the class prototypes (0: plain class text)")
+        tau: float = opt(0.05, "softmax temperature of attribute matching", positive=True)
+        router_init: float = opt(1.0, "std of the attribute router weights U at init (0: zeros)", minimum=0)
+        anchor: float = opt(1.0, "weight lambda of attribute anchoring of the router", minimum=0)
+        selector_quantile: float = opt(0.05, "selector threshold theta: this quantile of training images' "
+                                       "attribute confidence", fraction=True)
+
+    needs_pool = True
+
+    def __init__(self, clip, text, opts=None, context=None):
+        super().__init__(clip, text, opts, context)
+        o = self.opts
         self.text = text.clone()  # prototypes are enriched in place
-        self.no_attributes = option(options, "no_attributes", False, bool)
-        self.no_selector = option(options, "no_selector", False, bool)
-        self.beta = option(options, "beta", 1.0)
-        self.anchor_weight = option(options, "anchor", 1.0)
-        self.quantile = fraction(options, "selector_quantile", 0.05)
-        self.matcher = AttributeMatcher(options["pool"], option(options, "attr_kind", "both", str),
-                                        option(options, "attr_topk", 5), option(options, "tau", 0.05))
+        self.matcher = AttributeMatcher(self.context.pool, o.attr_kind, o.attr_topk, o.tau)
         L, d, E, zdim = self.adapters.num_layers, self.adapters.width, self.num_experts, 2 * self.matcher.dim
         self.w = nn.Parameter(torch.zeros(L, d, E))
         self.w_noise = nn.Parameter(torch.zeros(L, d, E))
-        self.u = nn.Parameter(torch.randn(L, zdim, E) * option(options, "router_init", 1.0))
+        self.u = nn.Parameter(torch.randn(L, zdim, E) * o.router_init)
         self.register_buffer("u_old", torch.zeros(L, zdim, E))
         self.register_buffer("confidence", ConfidenceHistogram.empty())
         self.register_buffer("theta", torch.tensor(float("-inf")))
@@ -96,7 +102,7 @@ class Mage(MoEMethod):
             if mean is None:
                 log.warning("class '%s' has no attributes in the pool: its prototype is the plain class text", name)
                 continue
-            self.text[g] = F.normalize(self._plain_text[g] + self.beta * mean.to(self.text), dim=-1)
+            self.text[g] = F.normalize(self._plain_text[g] + self.opts.beta * mean.to(self.text), dim=-1)
 
     def end_step(self, t: int, data: StepData) -> None:
         self._end_experts()
@@ -112,7 +118,7 @@ class Mage(MoEMethod):
                         top[j].append(i)
         if self.matcher.counts[0]:
             ConfidenceHistogram.add(self.confidence, torch.cat(smax))
-        self.theta.fill_(ConfidenceHistogram.quantile(self.confidence, self.quantile))
+        self.theta.fill_(ConfidenceHistogram.quantile(self.confidence, self.opts.selector_quantile))
         self._eval_on = []
         self._stats = {"active_attributes": {"class": self.matcher.counts[0], "domain": self.matcher.counts[1]},
                        "anchors": len(self._anchors), "theta": round(float(self.theta), 4) if torch.isfinite(self.theta) else None,
@@ -122,7 +128,7 @@ class Mage(MoEMethod):
     # -- routing --------------------------------------------------------------------------------
     def _attributes(self, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
         z, smax, _ = self.matcher.match(self.frozen_features(batch))
-        if self.no_attributes:
+        if self.opts.no_attributes:
             z = torch.zeros_like(z)
         return z, smax
 
@@ -133,10 +139,10 @@ class Mage(MoEMethod):
         return route
 
     def _anchoring(self) -> torch.Tensor:
-        if self.anchor_weight <= 0 or self.no_attributes or not len(self._anchors):
+        if self.opts.anchor <= 0 or self.opts.no_attributes or not len(self._anchors):
             return torch.zeros((), device=self._device)
         moved = torch.einsum("kz,lze->lke", self._anchors, self.u - self.u_old)
-        return self.anchor_weight * moved.pow(2).sum(-1).mean()
+        return self.opts.anchor * moved.pow(2).sum(-1).mean()
 
     def forward(self, batch: Batch, data: StepData) -> torch.Tensor:
         z, _ = self._attributes(batch)
@@ -147,7 +153,7 @@ class Mage(MoEMethod):
     def encode(self, batch: Batch) -> torch.Tensor:
         z, smax = self._attributes(batch)
         mask = None
-        if not self.training and not self.no_selector:
+        if not self.training and not self.opts.no_selector:
             on = smax >= self.theta
             self._eval_on.append(on)
             mask = on.float()
@@ -156,7 +162,7 @@ class Mage(MoEMethod):
     # -- records --------------------------------------------------------------------------------
     def statistics(self) -> dict:
         stats = {**self.expert_statistics(), **self._stats}
-        if not self.no_selector:  # unconditional: every DDP rank joins the sum, even with an empty shard
+        if not self.opts.no_selector:  # unconditional: every DDP rank joins the sum, even with an empty shard
             on = torch.cat(self._eval_on) if self._eval_on else torch.zeros(0, dtype=torch.bool, device=self._device)
             n, off = summed_over_ranks(torch.stack([on.new_tensor(len(on), dtype=torch.long), (~on).sum()])).tolist()
             if n:

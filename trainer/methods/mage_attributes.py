@@ -27,9 +27,9 @@ KINDS = ("class", "domain", "both")
 class AttributeMatcher:
     def __init__(self, pool, kind: str = "both", top_k: int = 5, tau: float = 0.05):
         if kind not in KINDS:
-            raise UserError(f"--attr-kind {kind}: use class, domain or both")
+            raise UserError(f"--opt attr_kind={kind}: use class, domain or both")
         if top_k < 1:
-            raise UserError("--attr-topk must be at least 1")
+            raise UserError("--opt attr_topk must be at least 1")
         if tau <= 0:
             raise UserError("--opt tau must be positive")
         self.pool, self.top_k, self.tau = pool, top_k, tau

@@ -15,79 +15,89 @@ Mixture-of-Experts Adapters" (CVPR 2024), reimplemented faithfully on the shared
 Not copied from the original: gate noise at evaluation, the computed-but-unused balancing loss,
 host syncs in the dispatcher.
 
-Presets (`--opt preset=...`); every field can be overridden with its own `--opt`:
+Presets (`--opt preset=...`, see `presets`); every field can be overridden with its own `--opt`:
   cil  (default): num_experts=2, top_k=2, one shared router, no freezing, no selector; the prompt
-        "a bad photo of a {}." (default_templates). The paper's engine settings: --epochs 1
+        "a bad photo of a {}." (option templates). The paper's engine settings: --epochs 1
         --batch-size 128 --lr 1e-3 --warmup 30 (the engine's defaults except the batch size).
   mtil: num_experts=22, top_k=2, one router per task, freeze_top=2, DDAS selector, label
         smoothing 0.2. Needs engine flags: --iters 1000 --batch-size 64 --warmup 100 (--lr 1e-3).
-Other options: adapter_rank, adapter_scale, adapter_dropout, lb_weight, ddas_hidden, ddas_epochs,
-ddas_lr, ddas_quantile, ddas_threshold (absolute; default: the quantile of the task's training
-errors), ddas_reference ("DATASET" or "DATASET:DOMAIN", an ImageFolder root too: generic images
-for the reference autoencoder), ddas_reference_limit.
+The options, with help, are declared in `MoEAdapters.Options` (`uniil methods show moe-adapters`).
 """
 
 from __future__ import annotations
 
 import logging
+from dataclasses import dataclass
 
 import torch
 from torch import nn
 
-from ...errors import UserError
 from ..adapters import RoutingContext, noisy_logits
-from .base import Batch, StepData, fraction, option, register_method
+from .base import Batch, StepData, opt, register_method, templates_option
 from .ddas import TaskSelector
 from .moe_common import MoEMethod, summed_over_ranks
 
 log = logging.getLogger(__name__)
 
-PRESETS = {
-    "cil": {"num_experts": 2, "top_k": 2, "task_routers": False, "freeze_top": 0, "selector": False,
-            "label_smoothing": 0.0},
-    "mtil": {"num_experts": 22, "top_k": 2, "task_routers": True, "freeze_top": 2, "selector": True,
-             "label_smoothing": 0.2},
-}
 
+def _reference_problem(value: str | None) -> str | None:
+    """Checked when the run starts, not after the first step, when the reference is first read."""
+    if value is None:
+        return None
+    from pathlib import Path
 
-def preset_options(options: dict) -> dict:
-    name = options.get("preset", "cil")
-    if name not in PRESETS:
-        raise UserError(f"unknown --opt preset={name}; use {' or '.join(PRESETS)}")
-    return {**PRESETS[name], **{k: v for k, v in options.items() if k != "preset"}}
+    from ...data.registry import known_datasets
+    from ...data.synthetic import TARGETS
+
+    name = value.partition(":")[0]
+    if name in TARGETS or name in known_datasets() or Path(value).is_dir():
+        return None
+    return "name a dataset (DATASET or DATASET:DOMAIN) or an ImageFolder root"
 
 
 @register_method("moe-adapters")
 class MoEAdapters(MoEMethod):
-    option_keys = MoEMethod.option_keys | {"preset", "task_routers", "selector", "ddas_hidden", "ddas_epochs",
-                                           "ddas_lr", "ddas_quantile", "ddas_threshold", "ddas_reference",
-                                           "ddas_reference_limit"}
-    default_templates = ("a bad photo of a {}.",)
+    """Yu et al., CVPR 2024: E experts per block, noisy top-k routers, expert freezing, DDAS selector."""
 
-    def __init__(self, clip, text, options):
-        options = preset_options(options)
-        super().__init__(clip, text, options, option(options, "num_experts", 2), option(options, "top_k", 2))
-        self.task_routers = option(options, "task_routers", False, bool)
+    @dataclass(frozen=True)
+    class Options(MoEMethod.Options):
+        preset: str = opt("cil", "a bundle of option values (see presets), applied before the explicit --opt ones")
+        freeze_top: int = opt(0, "most-used trainable experts per block frozen after each task", minimum=0)
+        templates: str = templates_option("a bad photo of a {}.")
+        task_routers: bool = opt(False, "one router per task (older routers stop training)")
+        selector: bool = opt(False, "DDAS: per-task autoencoders pick each test image's router, or original CLIP")
+        ddas_hidden: int = opt(128, "DDAS: hidden width of each autoencoder", minimum=1)
+        ddas_epochs: int = opt(30, "DDAS: training epochs of each autoencoder", minimum=1)
+        ddas_lr: float = opt(1e-3, "DDAS: Adam learning rate of the autoencoders", positive=True)
+        ddas_quantile: float = opt(0.99, "DDAS: threshold = this quantile of a task's training errors", fraction=True)
+        ddas_threshold: float | None = opt(None, "DDAS: an absolute threshold instead of the quantile")
+        ddas_reference: str | None = opt(None, "DDAS: generic images for a reference autoencoder: DATASET, "
+                                         "DATASET:DOMAIN or an ImageFolder root", check=_reference_problem)
+        ddas_reference_limit: int = opt(2000, "DDAS: images read from ddas_reference", minimum=1)
+
+    presets = {
+        "cil": {"num_experts": 2, "top_k": 2, "task_routers": False, "freeze_top": 0, "selector": False,
+                "label_smoothing": 0.0},
+        "mtil": {"num_experts": 22, "top_k": 2, "task_routers": True, "freeze_top": 2, "selector": True,
+                 "label_smoothing": 0.2},
+    }
+
+    def __init__(self, clip, text, opts=None, context=None):
+        super().__init__(clip, text, opts, context)
+        o = self.opts
         self.w_gate = nn.ParameterList()
         self.w_noise = nn.ParameterList()
         self.selector = None
-        if option(options, "selector", False, bool):
-            threshold = options.get("ddas_threshold")
-            reference = options.get("ddas_reference")
-            if reference is not None and not isinstance(reference, str):
-                raise UserError(f"--opt ddas_reference={reference}: name a dataset (DATASET or DATASET:DOMAIN) "
-                                "or an ImageFolder root")
-            self.selector = TaskSelector(
-                clip.dim, option(options, "ddas_hidden", 128), option(options, "ddas_epochs", 30),
-                option(options, "ddas_lr", 1e-3), fraction(options, "ddas_quantile", 0.99),
-                None if threshold is None else option(options, "ddas_threshold", 0.0), reference=bool(reference))
+        if o.selector:
+            self.selector = TaskSelector(clip.dim, o.ddas_hidden, o.ddas_epochs, o.ddas_lr, o.ddas_quantile,
+                                         o.ddas_threshold, reference=o.ddas_reference is not None)
         self._current = 0
         self._choices: list[tuple[torch.Tensor, torch.Tensor]] = []
 
     # -- structure ------------------------------------------------------------------------------
     def begin_step(self, t: int, data: StepData) -> None:
         shape = (self.adapters.num_layers, self.adapters.width, self.num_experts)
-        while len(self.w_gate) < (t + 1 if self.task_routers else 1):
+        while len(self.w_gate) < (t + 1 if self.opts.task_routers else 1):
             self.w_gate.append(nn.Parameter(self._zeros(*shape)))
             self.w_noise.append(nn.Parameter(self._zeros(*shape)))
         self._current = len(self.w_gate) - 1
@@ -112,12 +122,11 @@ class MoEAdapters(MoEMethod):
     def _reference_features(self) -> torch.Tensor:
         from ...data.images import dataset_images
 
-        name, _, domain = str(self.options["ddas_reference"]).partition(":")
-        limit = option(self.options, "ddas_reference_limit", 2000)
-        data = self.options.get("data")  # the run's --data-root / --download
+        name, _, domain = self.opts.ddas_reference.partition(":")
+        data = self.context.data  # the run's --data-root / --download
         return self.frozen_features.of_source(dataset_images(
-            name, "train", domain or None, data_root=getattr(data, "data_root", None), limit=limit,
-            download=bool(getattr(data, "download", False))))
+            name, "train", domain or None, data_root=data.data_root if data else None,
+            limit=self.opts.ddas_reference_limit, download=bool(data and data.download)))
 
     # -- routing --------------------------------------------------------------------------------
     def _router(self, task: int | torch.Tensor):
@@ -144,7 +153,7 @@ class MoEAdapters(MoEMethod):
             return self._route(batch, RoutingContext(self._router(self._current), self.top_k))
         task, on = self.selector.choose(self.frozen_features(batch))
         self._choices.append((task, on))
-        router = self._router(task if self.task_routers else self._current)
+        router = self._router(task if self.opts.task_routers else self._current)
         return self._route(batch, RoutingContext(router, self.top_k, sample_mask=on.float()))
 
     # -- records --------------------------------------------------------------------------------

@@ -5,14 +5,15 @@ feature (the input of the DDAS autoencoders and of attribute matching)."""
 from __future__ import annotations
 
 import logging
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 
 from ...errors import UserError
 from ..adapters import Adapters, RoutingContext, expert_usage, load_balancing_loss
-from ..data import cached_features
-from .base import Batch, ContinualMethod, option
+from ..sources import cached_features
+from .base import Batch, ContinualMethod, opt
 
 log = logging.getLogger(__name__)
 
@@ -56,27 +57,37 @@ class FrozenFeatures:
 class MoEMethod(ContinualMethod):
     """A continual method whose image tower carries E experts per block, routed top-k."""
 
-    option_keys = frozenset({"num_experts", "top_k", "lb_weight", "freeze_top", "adapter_rank", "adapter_scale",
-                             "adapter_dropout", "label_smoothing"})
+    @dataclass(frozen=True)
+    class Options(ContinualMethod.Options):
+        num_experts: int = opt(2, "experts E per image-tower block", minimum=1)
+        top_k: int = opt(2, "experts each image is routed to, per block (at most num_experts)", minimum=1)
+        lb_weight: float = opt(0.01, "weight of the load-balancing loss", minimum=0)
+        freeze_top: int = opt(2, "most-used trainable experts per block frozen after each step", minimum=0)
+        adapter_rank: int = opt(64, "bottleneck width r of each expert", minimum=1)
+        adapter_scale: float = opt(0.1, "scale s of the expert output added to the block's")
+        adapter_dropout: float = opt(0.0, "dropout inside the experts", fraction=True)
+        label_smoothing: float = opt(0.0, "label smoothing of the cross-entropy", fraction=True)
 
-    def __init__(self, clip, text, options, num_experts: int, top_k: int):
-        super().__init__(clip, text, options)
-        if num_experts < 1 or not 1 <= top_k <= num_experts:
-            raise UserError(f"--opt top_k={top_k} must be between 1 and num_experts={num_experts}")
-        self.top_k = top_k
-        self.lb_weight = option(options, "lb_weight", 0.01)
-        self.freeze_top = option(options, "freeze_top", 2)
-        self.adapters = Adapters(clip.model, num_experts=num_experts, rank=option(options, "adapter_rank", 64),
-                                 scale=option(options, "adapter_scale", 0.1),
-                                 dropout=option(options, "adapter_dropout", 0.0))
+        def check(self) -> None:
+            if self.top_k > self.num_experts:
+                raise UserError(f"--opt top_k={self.top_k} must be between 1 and num_experts={self.num_experts}")
+
+    def __init__(self, clip, text, opts=None, context=None):
+        super().__init__(clip, text, opts, context)
+        self.adapters = Adapters(clip.model, num_experts=self.opts.num_experts, rank=self.opts.adapter_rank,
+                                 scale=self.opts.adapter_scale, dropout=self.opts.adapter_dropout)
         self.frozen_features = FrozenFeatures(clip, self.adapters)
-        self.usage = torch.zeros(self.adapters.num_layers, num_experts)  # this step's training routing
+        self.usage = torch.zeros(self.adapters.num_layers, self.num_experts)  # this step's training routing
         self.eval_usage = torch.zeros_like(self.usage)
         self.last_context: RoutingContext | None = None  # the latest forward's gates (tests, debugging)
 
     @property
     def num_experts(self) -> int:
         return self.adapters.num_experts
+
+    @property
+    def top_k(self) -> int:
+        return self.opts.top_k
 
     @property
     def _device(self) -> torch.device:
@@ -99,7 +110,7 @@ class MoEMethod(ContinualMethod):
             torch.distributed.all_reduce(self.usage)  # every rank freezes the same experts
         frozen = self.adapters.frozen()
         self.eval_usage.zero_()
-        n = min(self.freeze_top, int((~frozen).sum(1).min()) - self.top_k)
+        n = min(self.opts.freeze_top, int((~frozen).sum(1).min()) - self.top_k)
         if n <= 0:
             return [[] for _ in range(len(frozen))]
         picked = self.usage.masked_fill(frozen, -1.0).topk(n, dim=1).indices
@@ -119,9 +130,9 @@ class MoEMethod(ContinualMethod):
         return F.normalize(feats.float(), dim=-1)
 
     def _balance(self, ctx: RoutingContext) -> torch.Tensor:
-        if self.lb_weight <= 0 or self.num_experts == 1:
+        if self.opts.lb_weight <= 0 or self.num_experts == 1:
             return torch.zeros((), device=self._device)
-        return self.lb_weight * load_balancing_loss(ctx.gates, self.num_experts).to(self._device)
+        return self.opts.lb_weight * load_balancing_loss(ctx.gates, self.num_experts).to(self._device)
 
     def expert_statistics(self) -> dict:
         return {"experts": self.num_experts, "top_k": self.top_k,

@@ -8,31 +8,40 @@ Option `prototypes` picks the class embeddings t_c (the last two need `--pool`):
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 
-from ...errors import UserError
-from .base import Batch, ContinualMethod, option, register_method
+from .base import Batch, ContinualMethod, opt, register_method
 
 PROTOTYPES = ("class_names", "descriptions", "enriched")
 
 
 @register_method("zeroshot")
 class ZeroShot(ContinualMethod):
-    option_keys = frozenset({"prototypes", "beta"})
+    """Continual-CLIP: frozen CLIP, 100 * f(x) . t_c over the evaluated vocabulary; no training."""
+
+    @dataclass(frozen=True)
+    class Options(ContinualMethod.Options):
+        prototypes: str = opt("class_names", "class embeddings: class-name text, attribute means (descriptions) "
+                              "or both (enriched); the last two need --pool", choices=PROTOTYPES)
+        beta: float = opt(1.0, "weight of the attribute mean in enriched prototypes")
+
     trains = False
     uses_frozen_features = True  # evaluation reads cached frozen CLIP features
 
-    def __init__(self, clip, text, options):
-        super().__init__(clip, text, options)
-        kind = option(options, "prototypes", "class_names", choices=PROTOTYPES)
+    @classmethod
+    def requires_pool(cls, opts) -> bool:
+        return opts.prototypes != "class_names"
+
+    def __init__(self, clip, text, opts=None, context=None):
+        super().__init__(clip, text, opts, context)
+        kind = self.opts.prototypes
         if kind != "class_names":
             from ...attrpool.zeroshot import class_attribute_means, enriched_prototypes
 
-            if options.get("pool") is None:
-                raise UserError(f"zeroshot with prototypes={kind} needs an attribute pool: pass --pool P.duckdb")
-            means = class_attribute_means(options["pool"], list(options["class_names"]))
-            protos = means if kind == "descriptions" else \
-                enriched_prototypes(text.cpu().numpy(), means, option(options, "beta", 1.0))
+            means = class_attribute_means(self.context.pool, list(self.context.class_names))
+            protos = means if kind == "descriptions" else enriched_prototypes(text.cpu().numpy(), means, self.opts.beta)
             protos = torch.nn.functional.normalize(torch.from_numpy(protos).float(), dim=-1)
             self.text = protos.to(text.device)
 

@@ -96,7 +96,7 @@ class TensorImages(torch.utils.data.Dataset):
 def cached_features(source: ImageSource, spec, device: str = "cpu", progress=None) -> torch.Tensor:
     """Frozen CLIP image features [N, D] of a cacheable source: encoded once, then read from the
     on-disk cache (attrpool.cache). An unreadable image is an error, as on the image path."""
-    from ..attrpool.cache import image_features
+    from ..backbones.features import image_features
 
     if source.cache_key is None:
         raise UserError(f"{source.dataset}/{source.split} cannot be cached; this method needs cached features")
