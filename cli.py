@@ -15,6 +15,7 @@ from rich.console import Console
 from rich.table import Table
 
 from .errors import UserError
+from .trainer.demo import DEMO_DATASETS, DEMO_RUNS, DEMO_SCENARIO  # plain data: no heavy imports
 
 app = typer.Typer(no_args_is_help=True, add_completion=False, rich_markup_mode=None,
                   help="Continual learning of CLIP guided by LLM-generated attributes.")
@@ -37,6 +38,19 @@ ClipModelOpt = Annotated[Optional[str], typer.Option(
 ClipPretrainedOpt = Annotated[Optional[str], typer.Option(
     "--clip-pretrained", help="open_clip pretrained tag (default openai), a checkpoint path, or 'none'.")]
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print JSON instead of a table.")]
+# Training options shared by `train` and `bench`.
+TrainPoolOpt = Annotated[Optional[Path], typer.Option(help="Attribute pool (needed by attribute-guided methods).")]
+EpochsOpt = Annotated[int, typer.Option(help="Epochs per step.")]
+ItersOpt = Annotated[Optional[int], typer.Option(help="Optimiser steps per scenario step (overrides --epochs).")]
+LrOpt = Annotated[float, typer.Option(help="AdamW learning rate.")]
+WeightDecayOpt = Annotated[float, typer.Option(help="AdamW weight decay.")]
+WarmupOpt = Annotated[int, typer.Option(help="Linear warm-up steps before the cosine schedule.")]
+DeviceOpt = Annotated[str, typer.Option(help="cpu, cuda or cuda:N.")]
+PrecisionOpt = Annotated[str, typer.Option(help="fp32, bf16 or fp16 (autocast).")]
+DataRootOpt = Annotated[Optional[Path], typer.Option(help="Where real datasets live.")]
+DownloadOpt = Annotated[bool, typer.Option(help="Download torchvision datasets into --data-root.")]
+TrainPerClassOpt = Annotated[int, typer.Option(help="Synthetic dataset: training images per class and step.")]
+TestPerClassOpt = Annotated[int, typer.Option(help="Synthetic dataset: test images per class and step.")]
 
 
 @app.callback()
@@ -481,22 +495,22 @@ def train(
     scenario: Annotated[str, typer.Option(help="A preset (uniil scenario list) or a scenario YAML file.")],
     method: Annotated[str, typer.Option(help="zeroshot, finetune, ... (uniil methods lists them).")],
     out: Annotated[Path, typer.Option(help="Run directory: config, checkpoints, metrics.json.")],
-    pool: Annotated[Optional[Path], typer.Option(help="Attribute pool (needed by attribute-guided methods).")] = None,
+    pool: TrainPoolOpt = None,
     clip_model: ClipModelOpt = None,
     clip_pretrained: ClipPretrainedOpt = None,
-    epochs: Annotated[int, typer.Option(help="Epochs per step.")] = 1,
-    iters: Annotated[Optional[int], typer.Option(help="Optimiser steps per scenario step (overrides --epochs).")] = None,
+    epochs: EpochsOpt = 1,
+    iters: ItersOpt = None,
     batch_size: Annotated[int, typer.Option(help="Global batch size (split over DDP ranks).")] = 64,
-    lr: Annotated[float, typer.Option(help="AdamW learning rate.")] = 1e-3,
-    weight_decay: Annotated[float, typer.Option(help="AdamW weight decay.")] = 0.0,
-    warmup: Annotated[int, typer.Option(help="Linear warm-up steps before the cosine schedule.")] = 30,
+    lr: LrOpt = 1e-3,
+    weight_decay: WeightDecayOpt = 0.0,
+    warmup: WarmupOpt = 30,
     seed: Annotated[int, typer.Option(help="Seed: same seed, same machine, same metrics.")] = 0,
-    device: Annotated[str, typer.Option(help="cpu, cuda or cuda:N.")] = "cpu",
-    precision: Annotated[str, typer.Option(help="fp32, bf16 or fp16 (autocast).")] = "fp32",
-    data_root: Annotated[Optional[Path], typer.Option(help="Where real datasets live.")] = None,
-    download: Annotated[bool, typer.Option(help="Download torchvision datasets into --data-root.")] = False,
-    train_per_class: Annotated[int, typer.Option(help="Synthetic dataset: training images per class and step.")] = 40,
-    test_per_class: Annotated[int, typer.Option(help="Synthetic dataset: test images per class and step.")] = 10,
+    device: DeviceOpt = "cpu",
+    precision: PrecisionOpt = "fp32",
+    data_root: DataRootOpt = None,
+    download: DownloadOpt = False,
+    train_per_class: TrainPerClassOpt = 40,
+    test_per_class: TestPerClassOpt = 10,
     resume: Annotated[bool, typer.Option(help="Continue the run in --out after its last finished step.")] = False,
     opt: Annotated[list[str], typer.Option(
         "--opt", help="Method option key=value (repeatable); uniil methods show METHOD lists them.")] = [],
@@ -596,17 +610,68 @@ def report(
     out.print(f"report: {html}", markup=False, highlight=False)
 
 
-# The demo's runs on synthetic-uniil: (run name, method, method options).
-DEMO_RUNS = (
-    ("zeroshot", "zeroshot", {}),
-    ("zeroshot-descriptions", "zeroshot", {"prototypes": "descriptions"}),
-    ("finetune", "finetune", {}),
-    ("moe-adapters", "moe-adapters", {}),
-    ("mage", "mage", {}),
-    ("mage-no-attributes", "mage", {"no_attributes": True}),
-    ("calfuse", "calfuse", {}),
-)
-DEMO_DATASETS = ("synthetic", "synthetic-colours")
+def _bench_line(o) -> str:
+    """One line per finished cell of the bench grid."""
+    if o.failed:
+        return f"{o.method} seed {o.seed}: FAILED: {o.reason}"
+    last = o.metrics()["last"]
+    shown = f", Last {last:.1f}%" if last is not None else ""
+    return f"{o.method} seed {o.seed}: {o.status}{shown} ({o.path})"
+
+
+@app.command("bench")
+def bench(
+    scenario: Annotated[str, typer.Option(help="A preset (uniil scenario list) or a scenario YAML file.")],
+    methods: Annotated[str, typer.Option(help="Comma-separated methods, e.g. zeroshot,finetune (uniil methods lists them).")],
+    out_dir: Annotated[Path, typer.Option("--out", help="Bench folder: runs/<method>-seed<k>/, bench.json, bench.md, "
+                                                        "curves.png, report/.")],
+    seeds: Annotated[str, typer.Option(help="Comma-separated seeds; every method runs once per seed.")] = "0,1,2",
+    pool: TrainPoolOpt = None,
+    clip_model: ClipModelOpt = None,
+    clip_pretrained: ClipPretrainedOpt = None,
+    epochs: EpochsOpt = 1,
+    iters: ItersOpt = None,
+    batch_size: Annotated[int, typer.Option(help="Global batch size.")] = 64,
+    lr: LrOpt = 1e-3,
+    weight_decay: WeightDecayOpt = 0.0,
+    warmup: WarmupOpt = 30,
+    device: DeviceOpt = "cpu",
+    precision: PrecisionOpt = "fp32",
+    data_root: DataRootOpt = None,
+    download: DownloadOpt = False,
+    train_per_class: TrainPerClassOpt = 40,
+    test_per_class: TestPerClassOpt = 10,
+    opt: Annotated[list[str], typer.Option(
+        "--opt", help="Method option key=value for every method, or METHOD:key=value for one (repeatable).")] = [],
+):
+    """Every method x seed on one scenario as `uniil train` runs (a rerun skips finished runs and resumes
+    interrupted ones); mean ± std over seeds in OUT/bench.md and bench.json, curves, a report of every run."""
+    from .trainer.bench import BENCH_JSON, BENCH_MD, CURVES_PNG, SUMMARY_HEADERS, bench_config, failed_lines, \
+        run_bench, summary_rows, validate
+    from .trainer.config import TrainConfig
+
+    global _interrupt_hint
+    settings = TrainConfig(scenario, "", out_dir, pool, clip_model, clip_pretrained, epochs, iters, batch_size, lr,
+                           weight_decay, warmup, 0, device, precision, data_root, download, train_per_class,
+                           test_per_class)
+    cfg = bench_config(scenario, methods, seeds, out_dir, settings, opt)
+    validate(cfg)  # before a built-in backbone trains: a mistake costs nothing and writes nothing
+    _interrupt_hint = f"interrupted; finished runs are kept in {out_dir}: rerun the same command to continue"
+    _ensure_backbone(clip_model, clip_pretrained)
+    with RichProgress(keep_finished=False) as progress:
+        result = run_bench(cfg, progress, on_run=lambda o: progress.print(_bench_line(o)))
+    t = Table(*SUMMARY_HEADERS, title=f"{scenario}: accuracy (%), class-IL unless marked task-IL; "
+                                      "mean ± std over seeds (n - 1)")
+    for row in summary_rows(result):
+        t.add_row(*row)
+    out.print(t)
+    for line in failed_lines(result):
+        out.print(f"failed: {line}", markup=False, highlight=False)
+    written = [out_dir / BENCH_MD, out_dir / BENCH_JSON, out_dir / CURVES_PNG, out_dir / "report" / "report.html"]
+    out.print("wrote " + ", ".join(str(p) for p in written if p.exists()), markup=False, highlight=False)
+    if result.failed:
+        raise UserError(f"{len(result.failed)} of {len(result.runs)} runs failed (listed in {out_dir / BENCH_MD}); "
+                        "rerun the same command to retry them")
 
 
 @app.command("demo")
@@ -659,10 +724,10 @@ def demo(
     runs = []
     for name, method, options in DEMO_RUNS:
         run_dir = workdir / "runs" / name
-        tcfg = TrainConfig("synthetic-uniil", method, run_dir, pool=pool, clip_model=clip_model, epochs=epochs,
+        tcfg = TrainConfig(DEMO_SCENARIO, method, run_dir, pool=pool, clip_model=clip_model, epochs=epochs,
                            resume=(run_dir / "config.json").exists(), method_options=dict(options))
         opts = "".join(f" --opt {k}={format_value(v)}" for k, v in options.items())
-        out.print(f"uniil train --scenario synthetic-uniil --method {method}{opts} --pool {pool} "
+        out.print(f"uniil train --scenario {DEMO_SCENARIO} --method {method}{opts} --pool {pool} "
                   f"--clip-model {clip_model} --epochs {epochs} --out {run_dir}", markup=False, highlight=False)
         with RichProgress(keep_finished=False) as progress:
             run_training(tcfg, progress, on_step=lambda s: progress.print(_step_line(s)))

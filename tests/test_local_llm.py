@@ -223,7 +223,7 @@ def test_demo_builds_the_synthetic_pool_offline(cli, tmp_path, monkeypatch):
     s = json.loads(cli("attrs", "stats", "--pool", tmp_path / "demo" / "synthetic.duckdb", "--json").out)
     assert (s["classes"], s["domains"], s["failed_calls"]) == (24 + 12, 5, 0)  # shapes and colours
     assert "synthetic/test/sketch/0" in r.out  # the match step ran on rendered images
-    from uniil.cli import DEMO_RUNS
+    from uniil.trainer.demo import DEMO_RUNS
 
     for name, _, _ in DEMO_RUNS:  # every method trained on synthetic-uniil and compared
         m = run_metrics(tmp_path / "demo" / "runs" / name)

@@ -299,7 +299,7 @@ def test_presets_set_their_bundle_and_explicit_keys_override_it():
 
 
 def test_demo_runs_hold_valid_typed_options():
-    from uniil.cli import DEMO_RUNS
+    from uniil.trainer.demo import DEMO_RUNS
 
     for _, method, options in DEMO_RUNS:
         opts = method_class(method).parse_options(options)

@@ -40,11 +40,15 @@ def write_json(path: Path, obj) -> None:
 
 
 def read_json(path: Path) -> dict:
+    """A JSON object from the run directory; anything else is a one-line error."""
     try:
-        return json.loads(path.read_text(encoding="utf-8"))
+        data = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, ValueError) as exc:
         raise UserError(f"cannot read {path} ({exc.__class__.__name__}); the run directory is damaged: "
                         "start a new --out directory") from None
+    if not isinstance(data, dict):
+        raise UserError(f"{path} does not hold a JSON object; the run directory is damaged: start a new --out directory")
+    return data
 
 
 def step_paths(run_dir: Path, t: int) -> tuple[Path, Path]:

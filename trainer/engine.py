@@ -148,8 +148,7 @@ class Trainer:
 
     def _recorded_version(self) -> str:
         metrics = self.cfg.out / ckpt.METRICS
-        versions = ckpt.read_json(metrics).get("versions") if metrics.is_file() else None
-        version = (versions or {}).get("uniil") if isinstance(versions, dict) else None
+        version = MetricsRecord.load(metrics).versions.get("uniil") if metrics.is_file() else None
         return f"uniil {version}" if version else "an earlier uniil"
 
     def _step_data(self, t: int, with_source: bool) -> StepData:

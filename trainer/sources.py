@@ -95,7 +95,7 @@ class TensorImages(torch.utils.data.Dataset):
 
 def cached_features(source: ImageSource, spec, device: str = "cpu", progress=None) -> torch.Tensor:
     """Frozen CLIP image features [N, D] of a cacheable source: encoded once, then read from the
-    on-disk cache (attrpool.cache). An unreadable image is an error, as on the image path."""
+    on-disk cache (backbones/features.py). An unreadable image is an error, as on the image path."""
     from ..backbones.features import image_features
 
     if source.cache_key is None:

@@ -102,6 +102,11 @@ def templates_option(default: str = "a photo of a {}."):
                separator="|", check=_templates_problem)
 
 
+def label_smoothing_option():
+    """The `label_smoothing` option of a method trained with cross-entropy."""
+    return opt(0.0, "label smoothing of the cross-entropy", fraction=True)
+
+
 class ContinualMethod(nn.Module):
     """A continual-learning method (see the module docstring for the contract)."""
 
@@ -155,11 +160,12 @@ class ContinualMethod(nn.Module):
         """The training loss: cross-entropy over the step's vocabulary by default."""
         return self.classification_loss(self.encode(batch), batch, data)
 
-    def classification_loss(self, features: torch.Tensor, batch: Batch, data: StepData) -> torch.Tensor:
-        """Cross-entropy of `logits` over the step's classes, with the method's option
-        `label_smoothing` if it declares one (a method that does not has none to set)."""
+    def classification_loss(self, features: torch.Tensor, batch: Batch, data: StepData,
+                            label_smoothing: float = 0.0) -> torch.Tensor:
+        """Cross-entropy of `logits` over the step's classes (a method with a `label_smoothing`
+        option, declared with `label_smoothing_option()`, passes it)."""
         return nn.functional.cross_entropy(self.logits(features, data.classes), self.positions(batch.targets, data.classes),
-                                           label_smoothing=getattr(self.opts, "label_smoothing", 0.0))
+                                           label_smoothing=label_smoothing)
 
     def positions(self, targets: torch.Tensor, classes: torch.Tensor) -> torch.Tensor:
         """Global class indices -> positions within `classes`. The look-up table is built once per

@@ -62,7 +62,7 @@ from torch import nn
 
 from ...errors import UserError
 from ..sources import cached_features
-from .base import Batch, ContinualMethod, StepData, opt, register_method
+from .base import Batch, ContinualMethod, StepData, label_smoothing_option, opt, register_method
 
 log = logging.getLogger(__name__)
 
@@ -182,7 +182,7 @@ class CalFuse(ContinualMethod):
         hinge_weight: float = opt(1.0, "weight of the hinge on confusable classes (0 turns it off)", minimum=0)
         hinge_distance: float = opt(0.55, "cosine distance below which two classes are confusable")
         hinge_margin: float = opt(0.1, "hinge margin", minimum=0)
-        label_smoothing: float = opt(0.0, "label smoothing of the cross-entropy", fraction=True)
+        label_smoothing: float = label_smoothing_option()
 
         def check(self) -> None:
             if self.calibration == "fixed" and not 0.0 < self.alpha < 1.0:

@@ -8,7 +8,7 @@ from dataclasses import dataclass
 import torch
 
 from ..adapters import Adapters, RoutingContext
-from .base import Batch, ContinualMethod, opt, register_method
+from .base import Batch, ContinualMethod, StepData, label_smoothing_option, opt, register_method
 
 
 @register_method("finetune")
@@ -19,11 +19,14 @@ class Finetune(ContinualMethod):
     class Options(ContinualMethod.Options):
         adapter_rank: int = opt(64, "bottleneck width r of each adapter", minimum=1)
         adapter_scale: float = opt(0.1, "scale s of the adapter output added to the block's")
-        label_smoothing: float = opt(0.0, "label smoothing of the cross-entropy", fraction=True)
+        label_smoothing: float = label_smoothing_option()
 
     def __init__(self, clip, text, opts=None, context=None):
         super().__init__(clip, text, opts, context)
         self.adapters = Adapters(clip.model, num_experts=1, rank=self.opts.adapter_rank, scale=self.opts.adapter_scale)
+
+    def forward(self, batch: Batch, data: StepData) -> torch.Tensor:
+        return self.classification_loss(self.encode(batch), batch, data, self.opts.label_smoothing)
 
     def encode(self, batch: Batch) -> torch.Tensor:
         with self.adapters.routing(RoutingContext()):

@@ -148,7 +148,8 @@ class Mage(MoEMethod):
         z, _ = self._attributes(batch)
         ctx = RoutingContext(self._router(z), self.top_k)
         feats = self._route(batch, ctx)
-        return self.classification_loss(feats, batch, data) + self._balance(ctx) + self._anchoring()
+        return (self.classification_loss(feats, batch, data, self.opts.label_smoothing) + self._balance(ctx)
+                + self._anchoring())
 
     def encode(self, batch: Batch) -> torch.Tensor:
         z, smax = self._attributes(batch)

@@ -146,7 +146,7 @@ class MoEAdapters(MoEMethod):
     def forward(self, batch: Batch, data: StepData) -> torch.Tensor:
         ctx = RoutingContext(self._router(self._current), self.top_k)
         feats = self._route(batch, ctx)
-        return self.classification_loss(feats, batch, data) + self._balance(ctx)
+        return self.classification_loss(feats, batch, data, self.opts.label_smoothing) + self._balance(ctx)
 
     def encode(self, batch: Batch) -> torch.Tensor:
         if self.training or self.selector is None or not len(self.selector.tasks):

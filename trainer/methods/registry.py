@@ -77,9 +77,10 @@ def _load_entry_point(entry) -> None:
         raise UserError(f"{where} cannot be loaded: {exc.__class__.__name__}: {_first_line(exc)}; "
                         "fix or uninstall the package that provides it") from None
     if isinstance(loaded, type) and issubclass(loaded, ContinualMethod):
-        if METHODS.get(loaded.name) is not loaded:
+        if METHODS.get(loaded.__dict__.get("name") or entry.name) is not loaded:
             try:
-                register_method(loaded.name or entry.name)(loaded)
+                # A subclass of a registered method inherits its `name`: only its own counts.
+                register_method(loaded.__dict__.get("name") or entry.name)(loaded)
             except TypeError as exc:
                 raise UserError(f"{where}: {exc}") from None
     elif not isinstance(loaded, types.ModuleType):
