@@ -560,7 +560,7 @@ def methods_show(name: Annotated[str, typer.Argument(help="A method name (uniil 
     specs = sorted(option_specs(cls.Options, cls.presets), key=lambda s: s.name != "preset")  # first: it sets others
     defaults = cls.options_record({})  # the default preset applied: what a run without --opt gets
     if as_json:
-        print(json.dumps({"name": name, "description": cls.description(), "needs_pool": cls.needs_pool,
+        print(json.dumps({"name": name, "description": cls.description(), "needs_pool": cls.pool_need(),
                           "options": [{"name": s.name, "type": s.type_name, "default": defaults[s.name],
                                        "choices": list(s.choices) if s.choices else None, "help": s.help}
                                       for s in specs],
@@ -574,8 +574,10 @@ def methods_show(name: Annotated[str, typer.Argument(help="A method name (uniil 
     for preset, bundle in cls.presets.items():
         shown = " ".join(f"{k}={format_value(v)}" for k, v in bundle.items())
         out.print(f"presets: --opt preset={preset} sets {shown}", markup=False, highlight=False)
-    if cls.needs_pool:
-        out.print(f"{name} needs --pool (an attribute pool built with the run's backbone)", markup=False)
+    need = cls.pool_need()
+    if need != "never":
+        out.print(f"{name} needs --pool (an attribute pool built with the run's backbone)"
+                  + (" with some option values: see their help" if need != "always" else ""), markup=False)
 
 
 def _print_runs(runs) -> None:

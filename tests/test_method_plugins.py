@@ -225,6 +225,9 @@ def test_uniil_methods_show_mage_lists_typed_options_with_help():
     assert all(o["help"] and "\n" not in o["help"] for o in shown["options"])
     moe = json.loads(run_cli("methods", "show", "moe-adapters", "--json").out)
     assert moe["presets"]["mtil"]["num_experts"] == 22
+    # whether --pool is needed: always (mage), never (moe-adapters), for some values (zeroshot's prototypes)
+    assert (shown["needs_pool"], moe["needs_pool"]) == ("always", "never")
+    assert json.loads(run_cli("methods", "show", "zeroshot", "--json").out)["needs_pool"] == "with some options"
     assert {o["name"]: o for o in moe["options"]}["preset"]["choices"] == ["cil", "mtil"]
     assert run_cli("methods", "show", "nope").code == 1
 

@@ -184,4 +184,4 @@ def test_description_zero_shot_through_the_engine(tmp_path, llm_server):
     assert a["descriptions"] != run_metrics(tmp_path / "plain").class_il.accuracy_matrix
     assert a["enriched"] != a["descriptions"]
     res = run_cli("train", *FAST, "--method", "zeroshot", "--opt", "prototypes=descriptions", "--out", tmp_path / "x")
-    assert res.code == 1 and "needs an attribute pool" in res.err
+    assert res.code == 1 and "with --opt prototypes=descriptions needs an attribute pool" in res.err

@@ -115,7 +115,10 @@ class Trainer:
     def _load_pool(self):
         if self.cfg.pool is None:
             if self.method_cls.requires_pool(self.method_opts):
-                raise UserError(f"method {self.cfg.method} needs an attribute pool: pass --pool P.duckdb "
+                defaults = self.method_cls.options_record({})
+                given = " ".join(f"--opt {k}={v}" for k, v in self.cfg.method_options.items() if defaults.get(k) != v)
+                raise UserError(f"method {self.cfg.method}{' with ' + given if given else ''} needs an attribute "
+                                f"pool: pass --pool P.duckdb "
                                 f"(build one with `uniil attrs build --dataset ... {self.spec.cli_options()}`)")
             return None
         from ..attrpool.match import PoolAttributes

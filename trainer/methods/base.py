@@ -147,6 +147,15 @@ class ContinualMethod(nn.Module):
         return cls.needs_pool
 
     @classmethod
+    def pool_need(cls) -> str:
+        """For `uniil methods show`: "always", "never" or "with some options" (a method that
+        overrides `requires_pool`)."""
+        if cls.needs_pool:
+            return "always"
+        overridden = cls.requires_pool.__func__ is not ContinualMethod.requires_pool.__func__
+        return "with some options" if overridden else "never"
+
+    @classmethod
     def description(cls) -> str:
         """One line for `uniil methods`: the first line of the class's (or its module's) docstring."""
         doc = cls.__dict__.get("__doc__") or getattr(sys.modules.get(cls.__module__), "__doc__", None) or ""
