@@ -554,7 +554,7 @@ def methods_show(name: Annotated[str, typer.Argument(help="A method name (uniil 
                  as_json: JsonOpt = False):
     """A method's --opt options: type, default, choices and what each does; its presets."""
     from .trainer.methods import method_class
-    from .trainer.methods.options import format_value, option_specs
+    from .typed_options import format_value, option_specs
 
     cls = method_class(name)
     specs = sorted(option_specs(cls.Options, cls.presets), key=lambda s: s.name != "preset")  # first: it sets others
@@ -696,7 +696,7 @@ def demo(
     from .trainer.report import load_runs, write_report
 
     from .trainer.methods import method_class
-    from .trainer.methods.options import format_value
+    from .typed_options import format_value
 
     for _, method, options in DEMO_RUNS:  # the typed path refuses a bad one before the pool is built
         method_class(method).parse_options(options)

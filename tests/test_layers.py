@@ -9,7 +9,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).parents[1]
 ORDER = ["cli", "trainer", "attrpool", "backbones", "data", "prompts"]
-NEUTRAL = {"common", "errors", "torchvision_fix", "__init__"}
+NEUTRAL = {"common", "errors", "typed_options", "torchvision_fix", "__init__"}
 
 
 def _layer(module: str) -> str:

@@ -21,6 +21,7 @@ from uniil.attrpool.backends import (BackendArgs, LLMBackend, backend_usages, ge
                                      unregister_backend)
 from uniil.attrpool.llm import LLMSpec
 from uniil.errors import UserError
+from uniil.typed_options import opt
 
 
 def classes_file(tmp_path: Path) -> Path:
@@ -51,7 +52,7 @@ def _echo_answer(request: httpx2.Request) -> httpx2.Response:
 
 @dataclass(frozen=True)
 class EchoOptions:
-    loud: bool = False
+    loud: bool = opt(False, "answer loudly")
 
 
 @dataclass(frozen=True)
@@ -192,14 +193,15 @@ def test_a_broken_plugin_is_one_line_naming_it(cli, site, tmp_path):
 
 
 @pytest.mark.parametrize("llm, url, options, needle", [
-    ("local", None, ["n_ctxx=4096"], "unknown --llm-option 'n_ctxx' for --llm local; it takes n_ctx, threads"),
-    ("local", None, ["n_ctx=big"], "--llm-option n_ctx=big: expected a whole number"),
-    ("local", None, ["n_ctx=64"], "--llm-option n_ctx=64: must be at least 512"),
+    ("local", None, ["n_ctxx=4096"], "--llm local: unknown option(s) n_ctxx; known: n_ctx, threads"),
+    ("local", None, ["n_ctx=big"], "--llm-option n_ctx='big': expected a whole number"),
+    ("local", None, ["n_ctx=64"], "--llm-option n_ctx='64': must be at least 512"),
+    ("local", None, ["threads=0"], "--llm-option threads='0': must be at least 1"),
     ("local", None, ["threads"], "--llm-option 'threads' is not KEY=VALUE"),
-    (None, "http://127.0.0.1:9/v1", ["verify_tls=maybe"], "--llm-option verify_tls=maybe: expected true or false"),
-    (None, "http://127.0.0.1:9/v1", ["timeout=3"], "unknown --llm-option 'timeout' for --llm server; it takes verify_tls"),
-    ("openai:gpt-4o-mini", None, ["seed=1"], "unknown --llm-option 'seed' for --llm openai; it takes none"),
-    ("echo:hi", None, ["loud=very"], "--llm-option loud=very: expected true or false"),
+    (None, "http://127.0.0.1:9/v1", ["verify_tls=maybe"], "--llm-option verify_tls='maybe': write true or false"),
+    (None, "http://127.0.0.1:9/v1", ["timeout=3"], "--llm server: unknown option(s) timeout; known: verify_tls"),
+    ("openai:gpt-4o-mini", None, ["seed=1"], "--llm openai: unknown option(s) seed; known: none"),
+    ("echo:hi", None, ["loud=very"], "--llm-option loud='very': write true or false"),
 ])
 def test_typed_options_refuse_unknown_keys_and_bad_values_in_one_line(llm, url, options, needle, echo_backend,
                                                                       tmp_path):

@@ -88,9 +88,7 @@ def parse_methods(text: str | Sequence[str]) -> tuple[str, ...]:
     names = [n.strip() for n in (text.split(",") if isinstance(text, str) else text) if n.strip()]
     if not names:
         raise UserError("--methods: name at least one method, e.g. --methods zeroshot,finetune (uniil methods lists them)")
-    twice = sorted({n for n in names if names.count(n) > 1})
-    if twice:
-        raise UserError(f"--methods names {', '.join(twice)} twice; name each method once")
+    _once(names, "--methods", "method")
     return tuple(names)
 
 
@@ -111,10 +109,14 @@ def parse_seeds(text: str | Sequence[int]) -> tuple[int, ...]:
         seeds.append(seed)
     if not seeds:
         raise UserError("--seeds: give at least one seed, e.g. --seeds 0,1,2")
-    twice = sorted({s for s in seeds if seeds.count(s) > 1})
-    if twice:
-        raise UserError(f"--seeds names {', '.join(map(str, twice))} twice; give each seed once")
+    _once(seeds, "--seeds", "seed")
     return tuple(seeds)
+
+
+def _once(items: list, flag: str, what: str) -> None:
+    twice = sorted({x for x in items if items.count(x) > 1})
+    if twice:
+        raise UserError(f"{flag} names {', '.join(map(str, twice))} twice; give each {what} once")
 
 
 def parse_option_items(items: Sequence[str], methods: Sequence[str]) -> tuple[dict[str, str], dict[str, dict[str, str]]]:
@@ -157,7 +159,7 @@ def validate(cfg: BenchConfig) -> dict[str, object]:
     holds a run with another config. Returns each method's typed options."""
     from ..backbones.spec import BackboneSpec
     from .methods.base import method_class
-    from .methods.options import option_specs
+    from ..typed_options import option_specs
     from .scenario import load_scenario
 
     load_scenario(cfg.scenario)
@@ -192,7 +194,7 @@ def validate(cfg: BenchConfig) -> dict[str, object]:
 def _check_run_dir(cfg: BenchConfig, method: str, seed: int, opts) -> None:
     """A run directory is new, or holds this very run (finished or to resume): never another run."""
     from .methods.base import method_class
-    from .methods.options import options_json
+    from ..typed_options import options_json
 
     run = cfg.run_config(method, seed)
     if not run.out.exists():
@@ -376,7 +378,7 @@ def run_bench(cfg: BenchConfig, progress: Progress | None = None,
     """Validate (nothing is written on a mistake), run every method x seed in order, then write
     bench.json, curves.png, bench.md and report/. A failed run does not stop the others: the
     result lists it (`BenchResult.failed`) and the caller decides the exit status."""
-    from .methods.options import options_json
+    from ..typed_options import options_json
 
     typed = validate(cfg)
     bar = progress or NullProgress()

@@ -28,7 +28,7 @@ from .config import TrainConfig
 from .records import MetricsRecord, StepInfo
 from .sources import DataOptions, TensorImages, cached_features, global_targets, materialise, step_source, vocabulary
 from .methods.base import Batch, ContinualMethod, RunContext, StepData, method_class
-from .methods.options import options_json
+from ..typed_options import options_json
 
 log = logging.getLogger(__name__)
 

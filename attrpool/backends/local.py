@@ -13,6 +13,7 @@ from pathlib import Path
 import httpx2
 
 from ...errors import UserError
+from ...typed_options import opt
 from .base import BackendArgs, FatalLLMError, LLMBackend
 
 LOCAL_BASE_URL = "http://local.gguf/v1"  # never resolved: the transport sends each request to the child's port
@@ -31,15 +32,9 @@ def default_gguf() -> Path:
 
 @dataclass(frozen=True)
 class LocalOptions:
-    n_ctx: int = 2048  # the model's context window, in tokens
-    threads: int | None = None  # llama.cpp threads; default: the CPU count, at most 8
-
-    def __post_init__(self):
-        if self.n_ctx < MIN_N_CTX:
-            raise UserError(f"--llm-option n_ctx={self.n_ctx}: must be at least {MIN_N_CTX} "
-                            "(a prompt and its answer must fit)")
-        if self.threads is not None and self.threads < 1:
-            raise UserError(f"--llm-option threads={self.threads}: must be at least 1")
+    n_ctx: int = opt(2048, "the model's context window in tokens (a prompt and its answer must fit)",
+                     minimum=MIN_N_CTX)
+    threads: int | None = opt(None, "llama.cpp threads (none: the CPU count, at most 8)", minimum=1)
 
 
 @dataclass(frozen=True)

@@ -8,13 +8,13 @@ from dataclasses import dataclass, field
 import httpx2
 
 from ...errors import UserError
+from ...typed_options import opt
 from .base import BackendArgs, LLMBackend
 
 
 @dataclass(frozen=True)
 class ServerOptions:
-    # false: accept the self-signed certificate of an in-house https server.
-    verify_tls: bool = True
+    verify_tls: bool = opt(True, "check the server's TLS certificate (false: accept an in-house self-signed one)")
 
 
 @dataclass(frozen=True)

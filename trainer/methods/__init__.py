@@ -1,5 +1,5 @@
 """Continual-learning methods, one file each, behind the contract in base.py; registry.py finds
-them (this package's modules and the `uniil.methods` entry points), options.py types their options."""
+them (this package's modules and the `uniil.methods` entry points), typed_options.py (shared with LLM backends) types their options."""
 
 from .base import (METHODS, Batch, ContinualMethod, RunContext, StepData, known_methods, method_class, opt,
                    register_method, templates_option)

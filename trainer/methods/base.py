@@ -46,7 +46,7 @@ import torch
 from torch import nn
 
 from ...errors import UserError
-from .options import opt, options_json, parse_options
+from ...typed_options import opt, options_json, parse_options
 from .registry import METHODS, known_methods, method_class, register_method
 
 if TYPE_CHECKING:

@@ -27,7 +27,7 @@ def register_method(name: str):
     """Class decorator: the method is known as `name` (`uniil train --method name`)."""
     def wrap(cls):
         from .base import ContinualMethod
-        from .options import check_presets, option_specs
+        from ...typed_options import check_presets, option_specs
 
         if not (isinstance(cls, type) and issubclass(cls, ContinualMethod)):
             raise TypeError(f"@register_method({name!r}) decorates {cls!r}, not a ContinualMethod subclass")

@@ -1,5 +1,6 @@
-"""Typed method options: each method declares them once, as a dataclass, and that declaration
-parses `--opt key=value`, validates, records and documents them.
+"""Typed options declared once, as a dataclass: that declaration parses `KEY=VALUE` text,
+validates, records and documents them. Methods use it for `--opt` (with presets), LLM backends for
+`--llm-option`. It imports nothing of uniil but `errors`, so every layer may use it.
 
     @dataclass(frozen=True)
     class Options(ContinualMethod.Options):
@@ -23,7 +24,7 @@ import typing
 from collections.abc import Callable, Mapping
 from typing import Any
 
-from ...errors import UserError
+from .errors import UserError
 
 SCALARS = (bool, int, float, str)
 _TRUE, _FALSE = ("true", "1", "yes"), ("false", "0", "no")
@@ -44,7 +45,7 @@ def opt(default, help: str, *, choices: tuple | None = None, minimum: float | No
 
 @dataclasses.dataclass(frozen=True)
 class OptionSpec:
-    """What `uniil methods show` prints about one option, and what parsing needs."""
+    """What help screens (`uniil methods show`) print about one option, and what parsing needs."""
 
     name: str
     kind: type  # bool, int, float or str
@@ -61,7 +62,7 @@ class OptionSpec:
 
 def option_specs(options_class: type, presets: Mapping[str, Mapping] | None = None) -> list[OptionSpec]:
     """The declared options of a dataclass, in declaration order. Raises TypeError for a
-    declaration the parser cannot serve (a programming error of the method, not a user's)."""
+    declaration the parser cannot serve (a programming error of its declarer, not a user's)."""
     if not dataclasses.is_dataclass(options_class):
         raise TypeError(f"{options_class.__qualname__} must be a dataclass")
     hints = typing.get_type_hints(options_class)
@@ -91,9 +92,9 @@ def _scalar(hint, where: str) -> tuple[type, bool]:
     raise TypeError(f"option {where} has type {hint}; use bool, int, float or str (or one of them | None)")
 
 
-def parse_value(spec: OptionSpec, value):
-    """A typed value for one option, or a UserError (without the method's name) saying what is wrong."""
-    shown = f"--opt {spec.name}={value!r}"
+def parse_value(spec: OptionSpec, value, flag: str = "--opt"):
+    """A typed value for one option, or a UserError (without the owner's name) saying what is wrong."""
+    shown = f"{flag} {spec.name}={value!r}"
     if spec.optional and (value is None or (isinstance(value, str) and value.strip().lower() in ("none", "null"))):
         return None
     if value is None:
@@ -141,28 +142,28 @@ def _check_range(spec: OptionSpec, value, shown: str) -> None:
         raise UserError(f"{shown}: {problem}")
 
 
-def parse_options(method: str, options_class: type, raw: Mapping | None,
-                  presets: Mapping[str, Mapping] | None = None):
+def parse_options(owner: str, options_class: type, raw: Mapping | None,
+                  presets: Mapping[str, Mapping] | None = None, flag: str = "--opt"):
     """An `options_class` instance from `raw` (key -> text or typed value). With `presets`, the
     bundle named by `preset` (or the field's default) is applied first, then the explicit keys.
-    Every problem is a one-line UserError that names the method and its keys."""
+    Every problem is a one-line UserError that names the owner (a method, `--llm NAME`) and its keys."""
     raw = dict(raw or {})
     specs = {s.name: s for s in option_specs(options_class, presets)}
     unknown = sorted(set(raw) - set(specs))
     if unknown:
-        raise UserError(f"{method}: unknown option(s) {', '.join(unknown)}; known: {', '.join(specs) or 'none'}")
+        raise UserError(f"{owner}: unknown option(s) {', '.join(unknown)}; known: {', '.join(specs) or 'none'}")
     values = {}
     try:
         if presets and "preset" in specs:
-            name = parse_value(specs["preset"], raw.get("preset", specs["preset"].default))
-            values = {k: parse_value(specs[k], v) for k, v in presets[name].items()}
-        values.update({k: parse_value(specs[k], v) for k, v in raw.items()})
+            name = parse_value(specs["preset"], raw.get("preset", specs["preset"].default), flag)
+            values = {k: parse_value(specs[k], v, flag) for k, v in presets[name].items()}
+        values.update({k: parse_value(specs[k], v, flag) for k, v in raw.items()})
         opts = options_class(**values)
         check = getattr(opts, "check", None)
         if check is not None:
             check()  # rules that relate several options
     except UserError as exc:
-        raise UserError(f"{method}: {exc} (options: {', '.join(specs)})") from None
+        raise UserError(f"{owner}: {exc} (options: {', '.join(specs)})") from None
     return opts
 
 
@@ -172,7 +173,7 @@ def options_json(opts) -> dict:
 
 
 def format_value(value) -> str:
-    """A typed value as `--opt key=VALUE` text that parses back to it."""
+    """A typed value as `KEY=VALUE` text that parses back to it."""
     if isinstance(value, bool):
         return "true" if value else "false"
     return "none" if value is None else str(value)
