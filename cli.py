@@ -75,16 +75,23 @@ class RichProgress:
         self._keep = keep_finished  # False: a finished bar disappears (long runs draw many)
 
     def __enter__(self):
-        self._bars.start()
-        return self
+        return self  # the display starts with the first bar: an early error leaves no blank line
 
     def __exit__(self, exc_type, *rest):
-        if exc_type is not None:  # the error line is the whole story: drop half-finished bars
-            for task_id in list(self._bars.task_ids):
-                self._bars.remove_task(task_id)
-        self._bars.stop()
+        if not self._bars.live.is_started:
+            return
+        if exc_type is None:
+            self._bars.stop()
+        elif self._bars.console.is_terminal:  # the error line is the whole story: erase the bars
+            self._bars.live.transient = True
+            self._bars.stop()
+        else:  # not a terminal: drop the last frame stop() would print (a log keeps only the error)
+            with self._bars.console.capture():
+                self._bars.stop()
 
     def start(self, task, description, total):
+        if not self._bars.live.is_started:
+            self._bars.start()
         self._tasks[task] = self._bars.add_task(description, total=total)
 
     def advance(self, task, n=1):
