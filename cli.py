@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import logging
+import shlex
 import sys
 import time
 from pathlib import Path
@@ -40,18 +41,44 @@ ClipPretrainedOpt = Annotated[Optional[str], typer.Option(
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print JSON instead of a table.")]
 # Training options shared by `train` and `bench`.
 TrainPoolOpt = Annotated[Optional[Path], typer.Option(help="Attribute pool (needed by attribute-guided methods).")]
-EpochsOpt = Annotated[int, typer.Option(help="Epochs per step.")]
+# Flags a recipe may set: None means "not given", so the scenario's recipe, then the built-in
+# default (shown in brackets) fills it in; a flag given always wins.
+EpochsOpt = Annotated[Optional[int], typer.Option(help="Epochs per step [recipe, else 1].", show_default=False)]
 ItersOpt = Annotated[Optional[int], typer.Option(help="Optimiser steps per scenario step (overrides --epochs).")]
-LrOpt = Annotated[float, typer.Option(help="AdamW learning rate.")]
-WeightDecayOpt = Annotated[float, typer.Option(help="AdamW weight decay.")]
-WarmupOpt = Annotated[int, typer.Option(help="Linear warm-up steps before the cosine schedule.")]
+BatchSizeOpt = Annotated[Optional[int], typer.Option(help="Global batch size (split over DDP ranks) [recipe, else 64].",
+                                                     show_default=False)]
+LrOpt = Annotated[Optional[float], typer.Option(help="AdamW learning rate [recipe, else 1e-3].", show_default=False)]
+WeightDecayOpt = Annotated[Optional[float], typer.Option(help="AdamW weight decay [recipe, else 0].", show_default=False)]
+WarmupOpt = Annotated[Optional[int], typer.Option(help="Linear warm-up steps before the cosine schedule "
+                                                       "[recipe, else 30].", show_default=False)]
 DeviceOpt = Annotated[str, typer.Option(help="cpu, cuda or cuda:N.")]
-PrecisionOpt = Annotated[str, typer.Option(help="fp32, bf16 or fp16 (autocast).")]
+PrecisionOpt = Annotated[Optional[str], typer.Option(help="fp32, bf16 or fp16 (autocast) [recipe, else fp32].",
+                                                     show_default=False)]
 DataRootOpt = Annotated[Optional[Path], typer.Option(help="Where real datasets live.")]
 DownloadOpt = Annotated[bool, typer.Option(help="Download torchvision datasets into --data-root.")]
-TrainPerClassOpt = Annotated[int, typer.Option(help="Synthetic dataset: training images per class and step.")]
-TestPerClassOpt = Annotated[int, typer.Option(help="Synthetic dataset: test images per class and step.")]
+TrainPerClassOpt = Annotated[Optional[int], typer.Option(
+    help="Synthetic dataset: training images per class and step [recipe, else 40].", show_default=False)]
+TestPerClassOpt = Annotated[Optional[int], typer.Option(
+    help="Synthetic dataset: test images per class and step [recipe, else 10].", show_default=False)]
+RecipeOpt = Annotated[Optional[str], typer.Option(
+    help="Recipe YAML whose values fill in the flags and --opt not given; default: the scenario's shipped "
+         "recipe (data/recipes/SCENARIO.yaml) if any; 'none' for the built-in defaults only.", show_default=False)]
+EvalSplitOpt = Annotated[str, typer.Option(
+    help="test: evaluate on the test split; val: train on 80% of each class's training images and evaluate "
+         "on the other 20% (for choosing hyperparameters).")]
 
+
+def _given_settings(**flags) -> dict:
+    """The recipe-settable flags as TrainConfig fields (None: not given)."""
+    names = {"train_per_class": "synthetic_train_per_class", "test_per_class": "synthetic_test_per_class"}
+    return {names.get(k, k): v for k, v in flags.items()}
+
+
+def _recipe(choice: Optional[str], scenario: str):
+    from .trainer.recipes import find_recipe
+    from .trainer.scenario import load_scenario
+
+    return find_recipe(choice, load_scenario(scenario).name)
 
 @app.callback()
 def _global(verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Log details to stderr.")] = False):
@@ -505,33 +532,40 @@ def train(
     pool: TrainPoolOpt = None,
     clip_model: ClipModelOpt = None,
     clip_pretrained: ClipPretrainedOpt = None,
-    epochs: EpochsOpt = 1,
+    epochs: EpochsOpt = None,
     iters: ItersOpt = None,
-    batch_size: Annotated[int, typer.Option(help="Global batch size (split over DDP ranks).")] = 64,
-    lr: LrOpt = 1e-3,
-    weight_decay: WeightDecayOpt = 0.0,
-    warmup: WarmupOpt = 30,
+    batch_size: BatchSizeOpt = None,
+    lr: LrOpt = None,
+    weight_decay: WeightDecayOpt = None,
+    warmup: WarmupOpt = None,
     seed: Annotated[int, typer.Option(help="Seed: same seed, same machine, same metrics.")] = 0,
     device: DeviceOpt = "cpu",
-    precision: PrecisionOpt = "fp32",
+    precision: PrecisionOpt = None,
     data_root: DataRootOpt = None,
     download: DownloadOpt = False,
-    train_per_class: TrainPerClassOpt = 40,
-    test_per_class: TestPerClassOpt = 10,
+    train_per_class: TrainPerClassOpt = None,
+    test_per_class: TestPerClassOpt = None,
+    recipe: RecipeOpt = None,
+    eval_split: EvalSplitOpt = "test",
     resume: Annotated[bool, typer.Option(help="Continue the run in --out after its last finished step.")] = False,
     opt: Annotated[list[str], typer.Option(
         "--opt", help="Method option key=value (repeatable); uniil methods show METHOD lists them.")] = [],
 ):
-    """Continual learning over a scenario; writes OUT/metrics.json and a checkpoint after every step."""
-    from .trainer.config import TrainConfig
+    """Continual learning over a scenario; writes OUT/metrics.json and a checkpoint after every step.
+    Settings not given come from the scenario's recipe (uniil sweep writes recipes), then the defaults."""
     from .trainer.engine import train as run_training
+    from .trainer.recipes import train_config
 
     global _interrupt_hint
     _interrupt_hint = f"interrupted; finished steps are kept in {out}: rerun the same command with --resume to continue"
+    given = _given_settings(epochs=epochs, iters=iters, batch_size=batch_size, lr=lr, weight_decay=weight_decay,
+                            warmup=warmup, precision=precision, train_per_class=train_per_class,
+                            test_per_class=test_per_class)
+    given.update(pool=pool, clip_model=clip_model, clip_pretrained=clip_pretrained, seed=seed, device=device,
+                 data_root=data_root, download=download, resume=resume, eval_split=eval_split)
+    cfg = train_config(scenario, method, out, _recipe(recipe, scenario), given, _method_options(opt))
+    cfg.validate()
     _ensure_backbone(clip_model, clip_pretrained)
-    cfg = TrainConfig(scenario, method, out, pool, clip_model, clip_pretrained, epochs, iters, batch_size, lr,
-                      weight_decay, warmup, seed, device, precision, data_root, download, train_per_class,
-                      test_per_class, resume, _method_options(opt))
     with RichProgress(keep_finished=False) as progress:
         run_training(cfg, progress, on_step=lambda s: progress.print(_step_line(s)))
     from .trainer.report import load_run
@@ -628,49 +662,21 @@ def _bench_line(o) -> str:
     return f"{o.method} seed {o.seed}: {o.status}{shown} ({o.path})"
 
 
-@app.command("bench")
-def bench(
-    scenario: Annotated[str, typer.Option(help="A preset (uniil scenario list) or a scenario YAML file.")],
-    methods: Annotated[str, typer.Option(help="Comma-separated methods, e.g. zeroshot,finetune (uniil methods lists them).")],
-    out_dir: Annotated[Path, typer.Option("--out", help="Bench folder: runs/<method>-seed<k>/, bench.json, bench.md, "
-                                                        "curves.png, report/.")],
-    seeds: Annotated[str, typer.Option(help="Comma-separated seeds; every method runs once per seed.")] = "0,1,2",
-    pool: TrainPoolOpt = None,
-    clip_model: ClipModelOpt = None,
-    clip_pretrained: ClipPretrainedOpt = None,
-    epochs: EpochsOpt = 1,
-    iters: ItersOpt = None,
-    batch_size: Annotated[int, typer.Option(help="Global batch size.")] = 64,
-    lr: LrOpt = 1e-3,
-    weight_decay: WeightDecayOpt = 0.0,
-    warmup: WarmupOpt = 30,
-    device: DeviceOpt = "cpu",
-    precision: PrecisionOpt = "fp32",
-    data_root: DataRootOpt = None,
-    download: DownloadOpt = False,
-    train_per_class: TrainPerClassOpt = 40,
-    test_per_class: TestPerClassOpt = 10,
-    opt: Annotated[list[str], typer.Option(
-        "--opt", help="Method option key=value for every method, or METHOD:key=value for one (repeatable).")] = [],
-):
-    """Every method x seed on one scenario as `uniil train` runs (a rerun skips finished runs and resumes
-    interrupted ones); mean ± std over seeds in OUT/bench.md and bench.json, curves, a report of every run."""
-    from .trainer.bench import BENCH_JSON, BENCH_MD, CURVES_PNG, SUMMARY_HEADERS, bench_config, failed_lines, \
-        run_bench, summary_rows, validate
+def _bench_settings(out_dir, pool, clip_model, clip_pretrained, device, data_root, download, eval_split, **flags):
+    """(TrainConfig with what was given over the defaults, names of the recipe-settable settings given)."""
     from .trainer.config import TrainConfig
 
-    global _interrupt_hint
-    settings = TrainConfig(scenario, "", out_dir, pool, clip_model, clip_pretrained, epochs, iters, batch_size, lr,
-                           weight_decay, warmup, 0, device, precision, data_root, download, train_per_class,
-                           test_per_class)
-    cfg = bench_config(scenario, methods, seeds, out_dir, settings, opt)
-    validate(cfg)  # before a built-in backbone trains: a mistake costs nothing and writes nothing
-    _interrupt_hint = f"interrupted; finished runs are kept in {out_dir}: rerun the same command to continue"
-    _ensure_backbone(clip_model, clip_pretrained)
-    with RichProgress(keep_finished=False) as progress:
-        result = run_bench(cfg, progress, on_run=lambda o: progress.print(_bench_line(o)))
+    given = {k: v for k, v in _given_settings(**flags).items() if v is not None}
+    settings = TrainConfig("", "", out_dir, pool, clip_model, clip_pretrained, device=device, data_root=data_root,
+                           download=download, eval_split=eval_split, **given)
+    return settings, list(given)
+
+
+def _print_bench(result, scenario: str, out_dir: Path, what: str = "bench") -> None:
+    from .trainer.bench import BENCH_JSON, BENCH_MD, CURVES_PNG, SUMMARY_HEADERS, failed_lines, summary_rows
+
     t = Table(*SUMMARY_HEADERS, title=f"{scenario}: accuracy (%), class-IL unless marked task-IL; "
-                                      "mean ± std over seeds (n - 1)")
+                                      "mean ± std over seeds (n - 1)" + (", validation split" if what == "sweep" else ""))
     for row in summary_rows(result):
         t.add_row(*row)
     out.print(t)
@@ -678,9 +684,112 @@ def bench(
         out.print(f"failed: {line}", markup=False, highlight=False)
     written = [out_dir / BENCH_MD, out_dir / BENCH_JSON, out_dir / CURVES_PNG, out_dir / "report" / "report.html"]
     out.print("wrote " + ", ".join(str(p) for p in written if p.exists()), markup=False, highlight=False)
+
+
+@app.command("bench")
+def bench(
+    scenario: Annotated[str, typer.Option(help="A preset (uniil scenario list) or a scenario YAML file.")],
+    methods: Annotated[str, typer.Option(help="Comma-separated methods, e.g. zeroshot,finetune (uniil methods lists "
+                                              "them); LABEL=METHOD adds a variant, e.g. mage-noattr=mage with "
+                                              "--opt mage-noattr:no_attributes=true.")],
+    out_dir: Annotated[Path, typer.Option("--out", help="Bench folder: runs/<method>-seed<k>/, bench.json, bench.md, "
+                                                        "curves.png, report/.")],
+    seeds: Annotated[str, typer.Option(help="Comma-separated seeds; every method runs once per seed.")] = "0,1,2",
+    pool: TrainPoolOpt = None,
+    clip_model: ClipModelOpt = None,
+    clip_pretrained: ClipPretrainedOpt = None,
+    epochs: EpochsOpt = None,
+    iters: ItersOpt = None,
+    batch_size: BatchSizeOpt = None,
+    lr: LrOpt = None,
+    weight_decay: WeightDecayOpt = None,
+    warmup: WarmupOpt = None,
+    device: DeviceOpt = "cpu",
+    precision: PrecisionOpt = None,
+    data_root: DataRootOpt = None,
+    download: DownloadOpt = False,
+    train_per_class: TrainPerClassOpt = None,
+    test_per_class: TestPerClassOpt = None,
+    recipe: RecipeOpt = None,
+    opt: Annotated[list[str], typer.Option(
+        "--opt", help="Method option key=value for every method, or METHOD:key=value for one (repeatable).")] = [],
+):
+    """Every method x seed on one scenario as `uniil train` runs (a rerun skips finished runs and resumes
+    interrupted ones); mean ± std over seeds in OUT/bench.md and bench.json, curves, a report of every run.
+    Each method gets the scenario recipe's values for what is not given."""
+    from .trainer.bench import BENCH_MD, bench_config, run_bench, validate
+
+    global _interrupt_hint
+    settings, given = _bench_settings(out_dir, pool, clip_model, clip_pretrained, device, data_root, download, "test",
+                                      epochs=epochs, iters=iters, batch_size=batch_size, lr=lr,
+                                      weight_decay=weight_decay, warmup=warmup, precision=precision,
+                                      train_per_class=train_per_class, test_per_class=test_per_class)
+    cfg = bench_config(scenario, methods, seeds, out_dir, settings, opt, _recipe(recipe, scenario), given)
+    validate(cfg)  # before a built-in backbone trains: a mistake costs nothing and writes nothing
+    _interrupt_hint = f"interrupted; finished runs are kept in {out_dir}: rerun the same command to continue"
+    _ensure_backbone(clip_model, clip_pretrained)
+    with RichProgress(keep_finished=False) as progress:
+        result = run_bench(cfg, progress, on_run=lambda o: progress.print(_bench_line(o)))
+    _print_bench(result, scenario, out_dir)
     if result.failed:
         raise UserError(f"{len(result.failed)} of {len(result.runs)} runs failed (listed in {out_dir / BENCH_MD}); "
                         "rerun the same command to retry them")
+
+
+@app.command("sweep")
+def sweep(
+    scenario: Annotated[str, typer.Option(help="A preset (uniil scenario list) or a scenario YAML file.")],
+    methods: Annotated[str, typer.Option(help="Comma-separated methods whose values to choose.")],
+    out_dir: Annotated[Path, typer.Option("--out", help="Sweep folder: one run per candidate and seed, bench.md, ...")],
+    write: Annotated[Path, typer.Option(help="The recipe file to write (methods not swept are kept from --recipe).")],
+    lrs: Annotated[str, typer.Option(help="Learning rates every trained method is tried with.")] = "3e-4,1e-3,3e-3",
+    grid: Annotated[list[str], typer.Option(
+        "--grid", help="METHOD:key=v1,v2: option values to try for one method (repeatable; several keys: "
+                       "every combination).")] = [],
+    seeds: Annotated[str, typer.Option(help="Comma-separated seeds; a candidate's score is its mean.")] = "0",
+    pool: TrainPoolOpt = None,
+    clip_model: ClipModelOpt = None,
+    clip_pretrained: ClipPretrainedOpt = None,
+    epochs: EpochsOpt = None,
+    iters: ItersOpt = None,
+    batch_size: BatchSizeOpt = None,
+    weight_decay: WeightDecayOpt = None,
+    warmup: WarmupOpt = None,
+    device: DeviceOpt = "cpu",
+    precision: PrecisionOpt = None,
+    data_root: DataRootOpt = None,
+    download: DownloadOpt = False,
+    train_per_class: TrainPerClassOpt = None,
+    test_per_class: TestPerClassOpt = None,
+    recipe: RecipeOpt = None,
+    opt: Annotated[list[str], typer.Option(
+        "--opt", help="Method option key=value for every candidate (repeatable); recorded in the recipe.")] = [],
+):
+    """Choose each method's learning rate and key options on a validation split carved from the training
+    images (never the test split), and write them with how they were chosen into a recipe file that
+    `uniil train` and `uniil bench` use as defaults."""
+    from .trainer.sweep import check, run_sweep, sweep_config
+
+    global _interrupt_hint
+    settings, given = _bench_settings(out_dir, pool, clip_model, clip_pretrained, device, data_root, download, "val",
+                                      epochs=epochs, iters=iters, batch_size=batch_size, weight_decay=weight_decay,
+                                      warmup=warmup, precision=precision, train_per_class=train_per_class,
+                                      test_per_class=test_per_class)
+    command = "uniil sweep " + " ".join(shlex.quote(a) for a in sys.argv[2:]) if len(sys.argv) > 2 else ""
+    cfg = sweep_config(scenario, methods, lrs, grid, seeds, out_dir, settings, write, _recipe(recipe, scenario),
+                       given, _method_options(opt), command)
+    check(cfg)
+    _interrupt_hint = f"interrupted; finished runs are kept in {out_dir}: rerun the same command to continue"
+    _ensure_backbone(clip_model, clip_pretrained)
+    with RichProgress(keep_finished=False) as progress:
+        result, chosen = run_sweep(cfg, progress, on_run=lambda o: progress.print(_bench_line(o)))
+    _print_bench(result, scenario, out_dir, "sweep")
+    t = Table("method", "lr", "options", "how", title=f"chosen on validation, written to {write}")
+    for name in cfg.methods:
+        m = chosen.methods[name]
+        t.add_row(name, f"{m.lr:g}" if m.lr is not None else "-",
+                  " ".join(f"{k}={v}" for k, v in m.options.items()), m.chosen)
+    out.print(t)
 
 
 @app.command("demo")
@@ -688,7 +797,7 @@ def demo(
     workdir: Annotated[Path, typer.Option(help="Where the demo writes its pool, runs and report.")] = Path("demo-out"),
     llm: Annotated[str, typer.Option(help="LLM for the pool (default: the embedded offline model).")] = "local",
     clip_model: Annotated[str, typer.Option("--clip-model", help="Backbone of the demo.")] = "uniil-micro",
-    epochs: Annotated[int, typer.Option(help="Training epochs per step.")] = 2,
+    epochs: EpochsOpt = None,
 ):
     """The main job on embedded defaults, offline: an attribute pool for the synthetic world, then
     each method on the synthetic-uniil scenario, compared in one report."""
@@ -698,8 +807,8 @@ def demo(
     from .backbones.spec import BackboneSpec
     from .data.images import dataset_images
     from .data.registry import resolve_names
-    from .trainer.config import TrainConfig
     from .trainer.engine import train as run_training
+    from .trainer.recipes import find_recipe, train_config
     from .trainer.report import load_runs, write_report
 
     from .trainer.methods import method_class
@@ -718,7 +827,7 @@ def demo(
             _print_report(build_pool(cfg, progress))
     found = _attributes(pool, None, None)
     t = Table("source", "attributes", title="a few classes and domains")
-    for src in ["star", "lightning bolt", "heart", "red", "sketch", "inverted"]:
+    for src in ["star", "heart", "seven", "honeycomb", "sketch", "scan"]:
         t.add_row(src, "; ".join(found.get(src, [])))
     out.print(t)
 
@@ -731,13 +840,16 @@ def demo(
 
     out.rule("uniil demo 3/3: continual learning on synthetic-uniil (uniil train), compared (uniil report)")
     runs = []
+    recipe = find_recipe(None, DEMO_SCENARIO)  # each method's values chosen on validation (uniil sweep)
     for name, method, options in DEMO_RUNS:
         run_dir = workdir / "runs" / name
-        tcfg = TrainConfig(DEMO_SCENARIO, method, run_dir, pool=pool, clip_model=clip_model, epochs=epochs,
-                           resume=(run_dir / "config.json").exists(), method_options=dict(options))
+        tcfg = train_config(DEMO_SCENARIO, method, run_dir, recipe,
+                            {"pool": pool, "clip_model": clip_model, "epochs": epochs,
+                             "resume": (run_dir / "config.json").exists()}, dict(options))
         opts = "".join(f" --opt {k}={format_value(v)}" for k, v in options.items())
+        flags = f" --epochs {epochs}" if epochs is not None else ""
         out.print(f"uniil train --scenario {DEMO_SCENARIO} --method {method}{opts} --pool {pool} "
-                  f"--clip-model {clip_model} --epochs {epochs} --out {run_dir}", markup=False, highlight=False)
+                  f"--clip-model {clip_model}{flags} --out {run_dir}", markup=False, highlight=False)
         with RichProgress(keep_finished=False) as progress:
             run_training(tcfg, progress, on_step=lambda s: progress.print(_step_line(s)))
         runs.append(run_dir)

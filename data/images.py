@@ -77,36 +77,41 @@ def image_folder(root: Path, split: str | None) -> ImageSource:
 
 def synthetic_images(name: str, split: str, domain: str | None, n_per_class: int,
                      classes: list[str] | None = None, limit: int | None = None) -> ImageSource:
-    """A split of a rendered dataset (`synthetic`, `synthetic-colours`), optionally of some classes."""
-    from .synthetic import RENDER_VERSION, TARGET_DOMAINS, TARGETS, SyntheticDataset
+    """A split of a rendered dataset (rendered.RENDERED: `synthetic`, `synthetic-digits`, ...),
+    optionally of some classes. A whole split is cacheable: its images are rendered once, on first
+    use, into the on-disk render cache (render_cache.py) and read from there afterwards."""
+    from .render_base import RenderedDataset
+    from .render_cache import CachedRenders
+    from .rendered import RENDERED
 
-    target = TARGETS[name]
-    domain = domain or "photo"
-    if domain not in TARGET_DOMAINS[target]:
-        raise UserError(f"unknown {name} domain '{domain}'; use {', '.join(TARGET_DOMAINS[target])}")
-    ds = SyntheticDataset(split, domain, n_per_class=n_per_class, classes=classes, target=target)
+    spec = RENDERED[name]
+    domain = domain or spec.domains[0]
+    if domain not in spec.domains:
+        raise UserError(f"unknown {name} domain '{domain}'; use {', '.join(spec.domains)}")
+    ds = RenderedDataset(spec, split, domain, n_per_class=n_per_class, classes=classes)
     n = len(ds) if limit is None else min(limit, len(ds))
-    which = "" if classes is None else ":" + ",".join(map(str, ds.labels))
-    key = f"{name}:render-v{RENDER_VERSION}:{ds.config}:n{n_per_class}:{split}:{domain}{which}" if n == len(ds) else None
-    # A whole split is in index order (row i of a cache is image i); a limit is spread over classes.
-    order = list(range(len(ds))) if n == len(ds) else \
-        sorted(range(len(ds)), key=lambda i: (i % n_per_class, i // n_per_class))[:n]
-    return ImageSource([f"{name}/{split}/{domain}/{i}" for i in order],
-                       lambda j: ds[order[j]][0], [ds.labels[i // n_per_class] for i in order], ds.classes, name,
-                       split, domain, key)
+    labels = [ds.labels[i // n_per_class] for i in range(len(ds))]
+    if n == len(ds):  # a whole split, in index order: row i of the cache is image i
+        key = ds.cache_key()
+        return ImageSource([f"{name}/{split}/{domain}/{i}" for i in range(n)], CachedRenders(key, n, ds.image),
+                           labels, ds.classes, name, split, domain, key)
+    # a limit is spread over the classes, and rendered directly: a few images are not worth a file
+    order = sorted(range(len(ds)), key=lambda i: (i % n_per_class, i // n_per_class))[:n]
+    return ImageSource([f"{name}/{split}/{domain}/{i}" for i in order], lambda j: ds.image(order[j]),
+                       [labels[i] for i in order], ds.classes, name, split, domain, None)
 
 
 def dataset_images(name: str, split: str = "test", domain: str | None = None, data_root: Path | None = None,
                    limit: int | None = None, download: bool = False) -> ImageSource:
     """A dataset split, labels in the registry's class order (data/names/<name>.txt).
 
-    `synthetic` is rendered; an ImageFolder root is read as is; a registry dataset is read from
-    data_root/<name>/ (default ./data-root): an ImageFolder layout [<domain>/]<split>/<class>/, the
-    dataset's official layout (layouts.py), or torchvision's (torchvision_sets.py, which downloads
-    when `download` is set)."""
-    from .synthetic import TARGETS
+    The rendered datasets (`synthetic`, `synthetic-digits`, ...) are drawn; an ImageFolder root is
+    read as is; a registry dataset is read from data_root/<name>/ (default ./data-root): an
+    ImageFolder layout [<domain>/]<split>/<class>/, the dataset's official layout (layouts.py), or
+    torchvision's (torchvision_sets.py, which downloads when `download` is set)."""
+    from .rendered import RENDERED
 
-    if name in TARGETS:
+    if name in RENDERED:
         return synthetic_images(name, split, domain, SYNTHETIC_TEST_PER_CLASS, limit=limit)
     if Path(name).is_dir():
         return _limited(image_folder(Path(name), split), limit)

@@ -6,6 +6,10 @@ optional clutter (small distractor shapes) and an occluder, rendered in one doma
 `sketch` (pencil edges only), `painting` (brush-stroke background, blurred) and `inverted`
 (a photo with inverted colours). Every image is a pure function of (seed, split, domain, class,
 index), so any subset renders identically in any order, and its ground truth is recorded.
+
+Two datasets are drawn from this world: `synthetic` (the class is the shape) and
+`synthetic-colours` (the colour). uniil-micro is pre-trained on these renders, so they must stay
+bit-identical (same random keys, same RENDER_VERSION). rendered.py lists every rendered dataset.
 """
 
 from __future__ import annotations
@@ -18,7 +22,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageChops, ImageDraw, ImageFilter
 
-from .registry import load_dataset_names
+from .render_base import SPLIT_STREAMS, RenderedDataset, RenderedSpec, registry_classes
 
 COLOURS = {"red": (220, 40, 40), "orange": (240, 140, 30), "yellow": (235, 210, 40), "green": (50, 160, 60),
            "blue": (40, 80, 210), "purple": (130, 60, 170), "pink": (240, 130, 180), "brown": (130, 80, 40),
@@ -26,8 +30,9 @@ COLOURS = {"red": (220, 40, 40), "orange": (240, 140, 30), "yellow": (235, 210, 
 TEXTURES = ("solid", "striped", "dotted", "checkered")
 SIZES = {"small": 0.42, "medium": 0.6, "large": 0.78}
 DOMAINS = ("photo", "clipart", "sketch", "painting", "inverted")
-SPLIT_STREAMS = {"train": 0, "test": 1, "val": 2, "pretrain": 3}  # pretrain: uniil-micro's own images
-RENDER_VERSION = 1  # bump when rendering changes: cached features of older renders become stale
+# Bump when rendering changes: cached renders and features of older renders become stale, and so
+# do uniil-micro's weights, which were trained on these images (backbones/spec.py).
+RENDER_VERSION = 1
 
 
 @dataclass(frozen=True)
@@ -107,16 +112,19 @@ SHAPES: dict[str, list[tuple[list[tuple[float, float]], int]]] = {
 
 @lru_cache(maxsize=1)
 def class_names() -> tuple[str, ...]:
-    names = load_dataset_names("synthetic").classes
-    missing = set(names) ^ set(SHAPES)
-    assert not missing, f"renderer and data/names/synthetic.txt disagree on {missing}"
-    return names
+    return registry_classes("synthetic", SHAPES)
 
 
-# The synthetic datasets: what the label of an image is. `synthetic` labels the shape;
+@lru_cache(maxsize=1)
+def colour_names() -> tuple[str, ...]:
+    return registry_classes("synthetic-colours", COLOURS)
+
+
+# The two datasets of the shape world: what the label of an image is. `synthetic` labels the shape;
 # `synthetic-colours` (a second task on the same world) labels the shape's colour. Sketches have
 # no colour and inverted images turn colours into their complements: the colour task leaves both out.
-TARGETS = {"synthetic": "shape", "synthetic-colours": "colour"}
+# (Every rendered dataset, these two included, is listed in rendered.RENDERED.)
+TARGET_DATASETS = {"shape": "synthetic", "colour": "synthetic-colours"}
 TARGET_DOMAINS = {"shape": DOMAINS, "colour": ("photo", "clipart", "painting")}
 
 
@@ -232,7 +240,32 @@ def render(shape: str, colour: str, texture: str, size: str, domain: str, rng: n
     return img, SampleTruth(shape, colour, texture, size, domain, round(math.degrees(angle), 1))
 
 
-class SyntheticDataset:
+def render_item(target: str, label: int, index: int, split: str, domain: str,
+                config: SyntheticConfig = SyntheticConfig()) -> tuple[Image.Image, SampleTruth]:
+    """Image `index` of class `label` of the shape ("synthetic") or colour ("synthetic-colours") task."""
+    rng = _rng(config, split, domain, label, index, target)
+    if target == "shape":
+        shape, colour = class_names()[label], str(rng.choice(list(COLOURS)))
+    else:
+        shape, colour = str(rng.choice(list(SHAPES))), colour_names()[label]
+    texture = str(rng.choice(TEXTURES))
+    size = str(rng.choice(list(SIZES)))
+    return render(shape, colour, texture, size, domain, rng, config)
+
+
+def _spec(target: str, classes) -> RenderedSpec:
+    def draw(label: int, index: int, split: str, domain: str, config: SyntheticConfig) -> Image.Image:
+        return render_item(target, label, index, split, domain, config)[0]
+
+    return RenderedSpec(TARGET_DATASETS[target], tuple(TARGET_DOMAINS[target]), RENDER_VERSION, draw, classes,
+                        SyntheticConfig())
+
+
+SPECS = {"synthetic": _spec("shape", class_names),
+         "synthetic-colours": _spec("colour", colour_names)}
+
+
+class SyntheticDataset(RenderedDataset):
     """`n_per_class` images of each class in one domain and split; items are (PIL image, label).
 
     `target` says what a class is: "shape" (the `synthetic` dataset) or "colour" (`synthetic-colours`)."""
@@ -240,38 +273,19 @@ class SyntheticDataset:
     def __init__(self, split: str = "train", domain: str = "photo", n_per_class: int = 20,
                  classes: list[str] | None = None, config: SyntheticConfig = SyntheticConfig(),
                  target: str = "shape"):
-        if split not in SPLIT_STREAMS:
-            raise ValueError(f"unknown split {split!r}; use {', '.join(SPLIT_STREAMS)}")
         if target not in TARGET_DOMAINS:
             raise ValueError(f"unknown target {target!r}; use {', '.join(TARGET_DOMAINS)}")
         if domain not in TARGET_DOMAINS[target]:
             raise ValueError(f"unknown domain {domain!r} for the {target} task; use {', '.join(TARGET_DOMAINS[target])}")
-        self.split, self.domain, self.n_per_class, self.config = split, domain, n_per_class, config
+        super().__init__(SPECS[TARGET_DATASETS[target]], split, domain, n_per_class, classes, config)
         self.target = target
-        self.classes = list(class_names()) if target == "shape" else list(COLOURS)
-        self.labels = [self.classes.index(c) for c in (classes or self.classes)]
-
-    def __len__(self) -> int:
-        return len(self.labels) * self.n_per_class
-
-    def _item(self, i: int) -> tuple[int, int]:
-        if not 0 <= i < len(self):
-            raise IndexError(i)
-        return self.labels[i // self.n_per_class], i % self.n_per_class
 
     def render(self, i: int) -> tuple[Image.Image, SampleTruth]:
         label, k = self._item(i)
-        rng = _rng(self.config, self.split, self.domain, label, k, self.target)
-        if self.target == "shape":
-            shape, colour = self.classes[label], str(rng.choice(list(COLOURS)))
-        else:
-            shape, colour = str(rng.choice(list(SHAPES))), self.classes[label]
-        texture = str(rng.choice(TEXTURES))
-        size = str(rng.choice(list(SIZES)))
-        return render(shape, colour, texture, size, self.domain, rng, self.config)
+        return render_item(self.target, label, k, self.split, self.domain, self.config)
 
-    def __getitem__(self, i: int) -> tuple[Image.Image, int]:
-        return self.render(i)[0], self._item(i)[0]
+    def image(self, i: int) -> Image.Image:
+        return self.render(i)[0]
 
     def truth(self, i: int) -> SampleTruth:
         return self.render(i)[1]
@@ -291,3 +305,4 @@ class SyntheticDataset:
                 img.save(folder / f"{self.domain}_{k:05d}.png")
                 fh.write(json.dumps({"path": f"{folder.name}/{self.domain}_{k:05d}.png", **asdict(truth)}) + "\n")
         return root
+

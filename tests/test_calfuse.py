@@ -22,7 +22,7 @@ from uniil.trainer.methods.base import Batch, StepData
 from uniil.trainer.methods.calfuse import (CalFuse, calibration_alpha, class_moments, confusable_pairs, fusion_mask,
                                            merge_moments, qr_fuse, shrunk_covariance)
 
-FAST = ["--scenario", "synthetic-uniil", "--clip-model", "uniil-tiny", "--train-per-class", "8",
+FAST = ["--scenario", "synthetic-uniil", "--recipe", "none", "--clip-model", "uniil-tiny", "--train-per-class", "8",
         "--test-per-class", "4", "--batch-size", "32"]
 
 

@@ -221,13 +221,13 @@ def test_demo_builds_the_synthetic_pool_offline(cli, tmp_path, monkeypatch):
     r = cli("demo", "--workdir", tmp_path / "demo")
     assert r.code == 0, r.err
     s = json.loads(cli("attrs", "stats", "--pool", tmp_path / "demo" / "synthetic.duckdb", "--json").out)
-    assert (s["classes"], s["domains"], s["failed_calls"]) == (24 + 12, 5, 0)  # shapes and colours
+    assert (s["classes"], s["domains"], s["failed_calls"]) == (24 + 10 + 10, 5 + 1 + 1, 0)  # shapes, digits, patterns
     assert "synthetic/test/sketch/0" in r.out  # the match step ran on rendered images
     from uniil.trainer.demo import DEMO_RUNS
 
     for name, _, _ in DEMO_RUNS:  # every method trained on synthetic-uniil and compared
         m = run_metrics(tmp_path / "demo" / "runs" / name)
-        assert m.finished_steps == 6 and m.class_il.last is not None
+        assert m.finished_steps == 7 and m.class_il.last is not None
         assert name in r.out
     assert (tmp_path / "demo" / "report" / "report.html").stat().st_size > 10_000
     again = cli("demo", "--workdir", tmp_path / "demo")  # a rerun reuses the pool and the finished runs

@@ -228,7 +228,7 @@ def test_uniil_methods_show_mage_lists_typed_options_with_help():
     # whether --pool is needed: always (mage), never (moe-adapters), for some values (zeroshot's prototypes)
     assert (shown["needs_pool"], moe["needs_pool"]) == ("always", "never")
     assert json.loads(run_cli("methods", "show", "zeroshot", "--json").out)["needs_pool"] == "with some options"
-    assert {o["name"]: o for o in moe["options"]}["preset"]["choices"] == ["cil", "mtil"]
+    assert {o["name"]: o for o in moe["options"]}["preset"]["choices"] == ["cil", "mtil", "mixed"]
     assert run_cli("methods", "show", "nope").code == 1
 
 

@@ -188,3 +188,34 @@ def test_checkpoint_round_trip_after_replayed_begin_steps(world, make):
     with torch.no_grad():
         assert torch.equal(method.encode(batch), again.encode(batch))
     assert torch.equal(method.text, again.text)
+
+
+@pytest.mark.parametrize("make", ["finetune", "moe-adapters", "mage"])
+def test_train_vocab_seen_puts_every_seen_class_into_the_loss(world, make):
+    """`train_vocab=step` (the default, MoE-Adapters' code): cross-entropy over the step's classes;
+    `seen`: over every class seen so far, so old classes' prototypes are negatives too."""
+    from uniil.trainer.methods.finetune import Finetune
+
+    clip, scenario, vocab, text = world
+    data = step_data(scenario, vocab, 3)  # digits after 16 shapes: 10 classes of 26 seen
+    assert len(data.classes) == 10 and len(data.seen_classes) == 26
+    losses = {}
+    for choice in ("step", "seen"):
+        if make == "finetune":
+            method = Finetune(fresh_clip(), text, {"train_vocab": choice})
+        elif make == "moe-adapters":
+            method = moe(world, train_vocab=choice)
+        else:
+            method = mage(world, train_vocab=choice)
+        for t in range(4):
+            method.begin_step(t, step_data(scenario, vocab, t))
+        method.eval()
+        batch = batch_of(clip, vocab, data)
+        with torch.no_grad():
+            feats = method.encode(batch)
+            losses[choice] = float(method.classification_loss(feats, batch, data))
+            for vocab_t in ((data.classes,) if choice == "step" else (data.seen_classes,)):
+                logits = method.logits(feats, vocab_t)
+                want = torch.nn.functional.cross_entropy(logits, method.positions(batch.targets, vocab_t))
+                assert losses[choice] == pytest.approx(float(want), rel=1e-5)
+    assert losses["seen"] > losses["step"]  # more negatives: a larger loss on the same logits

@@ -12,7 +12,7 @@ from conftest import run_cli, run_metrics, server_args
 from moe_fixtures import fresh_clip, moe_cache  # noqa: F401
 from uniil.trainer.adapters import Adapters, RoutingContext, noisy_logits
 
-FAST = ["--scenario", "synthetic-uniil", "--clip-model", "uniil-tiny", "--train-per-class", "4",
+FAST = ["--scenario", "synthetic-uniil", "--recipe", "none", "--clip-model", "uniil-tiny", "--train-per-class", "4",
         "--test-per-class", "2", "--batch-size", "16"]
 
 

@@ -8,7 +8,7 @@ from uniil.errors import UserError
 COUNTS = {"cifar100": 100, "tinyimagenet": 200, "imagenet-r": 200, "domainnet": 345, "office-home": 65,
           "aircraft": 100, "caltech101": 101, "dtd": 47, "eurosat": 10, "flowers102": 102, "food101": 101,
           "mnist": 10, "oxford_pet": 37, "stanford_cars": 196, "sun397": 397, "synthetic": 24,
-          "synthetic-colours": 12}
+          "synthetic-colours": 12, "synthetic-digits": 10, "synthetic-patterns": 10}
 
 
 def test_registry_has_every_dataset_with_its_class_count():
@@ -30,6 +30,11 @@ def test_index_order_and_domains():
     assert load_dataset_names("domainnet").domains == ("clipart", "infograph", "painting", "quickdraw", "real", "sketch")
     assert load_dataset_names("office-home").domains == ("art", "clipart", "product", "real world")
     assert set(load_dataset_names("synthetic").domains) >= {"photo", "clipart", "sketch", "painting", "inverted"}
+    digits = load_dataset_names("synthetic-digits")
+    assert digits.classes[:3] == ("zero", "one", "two") and digits.classes[-1] == "nine" and digits.domains == ("scan",)
+    patterns = load_dataset_names("synthetic-patterns")
+    assert patterns.classes[0] == "brick wall" and patterns.domains == ("close-up",)
+    assert (digits.context, patterns.context) == ("a handwritten digit", "a texture or surface pattern")
 
 
 def test_custom_names(tmp_path):

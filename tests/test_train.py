@@ -13,7 +13,7 @@ import pytest
 from conftest import run_cli, run_metrics
 from uniil.trainer import metrics as M
 
-FAST = ["--scenario", "synthetic-uniil", "--clip-model", "uniil-tiny", "--train-per-class", "8",
+FAST = ["--scenario", "synthetic-uniil", "--recipe", "none", "--clip-model", "uniil-tiny", "--train-per-class", "8",
         "--test-per-class", "4", "--batch-size", "32"]
 
 
@@ -30,21 +30,21 @@ def test_metrics_json_holds_the_full_matrix_and_the_field_metrics(finetune_run):
     run, res = finetune_run
     m = run_metrics(run)
     a = m.class_il.accuracy_matrix
-    assert len(a) == 6 and all(len(row) == 6 for row in a) and m.finished_steps == 6
+    assert len(a) == 7 and all(len(row) == 7 for row in a) and m.finished_steps == 7
     assert all(0 <= v <= 100 for row in a for v in row)
     expected = M.summarize(a, m.test_sizes)
     for key in ("last", "avg", "avg_incremental", "transfer", "forgetting", "bwt"):
         assert getattr(m.class_il, key) == pytest.approx(expected[key])
-    # 8, 8, 16 shapes, 12 colours, 8, 24 shapes x 4 test images
-    assert m.test_sizes == [32, 32, 64, 48, 32, 96]
-    assert [s.kind for s in m.steps] == ["base", "class", "domain", "task", "class+domain", "domain"]
+    # 8, 8, 16 shapes, 10 digits, 8 shapes, 10 patterns, 24 shapes x 4 test images
+    assert m.test_sizes == [32, 32, 64, 40, 32, 40, 96]
+    assert [s.kind for s in m.steps] == ["base", "class", "domain", "task", "class+domain", "task", "domain"]
     # two datasets: task-IL too, where a step competes only with its own dataset's classes
     t = m.task_il.accuracy_matrix
-    assert len(t) == 6 and m.task_il.last == pytest.approx(M.last(t))
-    assert all(t[j][i] >= a[j][i] for j in range(6) for i in range(6))  # a smaller vocabulary never hurts
+    assert len(t) == 7 and m.task_il.last == pytest.approx(M.last(t))
+    assert all(t[j][i] >= a[j][i] for j in range(7) for i in range(7))  # a smaller vocabulary never hurts
     assert m.versions["torch"] and m.config["method"] == "finetune"
-    assert len(m.timings.train_s) == 6
-    assert "step 6/6 [domain] synthetic/painting" in res.err  # one summary line per step
+    assert len(m.timings.train_s) == 7
+    assert "step 7/7 [domain] synthetic/painting" in res.err  # one summary line per step
 
 
 def test_checkpoints_are_safetensors_of_the_adapters_only(finetune_run):
@@ -52,7 +52,7 @@ def test_checkpoints_are_safetensors_of_the_adapters_only(finetune_run):
 
     run, _ = finetune_run
     files = sorted((run / "checkpoints").glob("*.safetensors"))
-    assert [f.name for f in files] == [f"step-{i:03d}.safetensors" for i in range(1, 7)]
+    assert [f.name for f in files] == [f"step-{i:03d}.safetensors" for i in range(1, 8)]
     tensors = load_file(str(files[-1]))
     assert tensors and all(k.startswith("adapters.") for k in tensors)
     first = load_file(str(files[0]))
@@ -86,13 +86,13 @@ def test_ctrl_c_then_resume_ends_like_an_uninterrupted_run(finetune_run, tmp_pat
     assert proc.returncode == 130, err
     assert "Traceback" not in err and "--resume" in err
     m = run_metrics(resumed)
-    assert 2 <= m.finished_steps < 6 and m.class_il.last is None  # partial, metrics not yet defined
+    assert 2 <= m.finished_steps < 7 and m.class_il.last is None  # partial, metrics not yet defined
     res = run_cli("train", *FAST, "--method", "finetune", "--out", resumed, "--resume")
     assert res.code == 0, res.err
     assert run_metrics(resumed).class_il.accuracy_matrix == run_metrics(run).class_il.accuracy_matrix
     # resuming a finished run trains nothing and keeps the result
     assert run_cli("train", *FAST, "--method", "finetune", "--out", resumed, "--resume").code == 0
-    assert run_metrics(resumed).finished_steps == 6
+    assert run_metrics(resumed).finished_steps == 7
 
 
 def test_zeroshot_reads_cached_features(tmp_path, monkeypatch):
@@ -101,9 +101,9 @@ def test_zeroshot_reads_cached_features(tmp_path, monkeypatch):
     assert res.code == 0, res.err
     m = run_metrics(tmp_path / "zs")
     a = m.class_il.accuracy_matrix
-    # no training: a step's accuracy changes only with the vocabulary it competes in. Steps 3 and 6
+    # no training: a step's accuracy changes only with the vocabulary it competes in. Steps 3 and 7
     # add no class (same vocabulary as the step before), so their rows repeat the previous ones.
-    assert a[2][:2] == a[1][:2] and a[5] == a[4]
+    assert a[2][:2] == a[1][:2] and a[6] == a[5]
     assert a[0][0] >= a[1][0] >= a[4][0]  # more classes to confuse with never helps a frozen model
     assert list((tmp_path / "cache" / "features").rglob("features.npy"))  # per (backbone, split) cache
     again = run_cli("train", *FAST, "--method", "zeroshot", "--out", tmp_path / "zs2")
@@ -171,7 +171,7 @@ def test_description_zero_shot_through_the_engine(tmp_path, llm_server):
     from conftest import server_args
 
     pool = tmp_path / "p.duckdb"
-    for dataset in ("synthetic", "synthetic-colours"):  # one pool can hold several datasets
+    for dataset in ("synthetic", "synthetic-digits", "synthetic-patterns"):  # one pool, several datasets
         assert run_cli("attrs", "build", "--dataset", dataset, "--pool", pool, *server_args(llm_server)).code == 0
     res = run_cli("train", *FAST, "--method", "zeroshot", "--out", tmp_path / "plain")
     runs = {}

@@ -34,6 +34,7 @@ from ..errors import UserError
 from . import checkpoint as ckpt
 from . import engine
 from .config import TrainConfig
+from .recipes import Recipe
 from .records import METRIC_KEYS, MetricsRecord
 
 log = logging.getLogger(__name__)
@@ -50,33 +51,50 @@ TRAINED, FINISHED_EARLIER, FAILED = "trained", "finished earlier", "failed"
 
 @dataclass(frozen=True)
 class BenchConfig:
-    """One bench: a scenario, the methods and seeds of its grid, and what every run shares.
+    """One bench: a scenario, the entries and seeds of its grid, and what every run shares.
 
-    `settings` is a TrainConfig whose scenario, method, seed, out, resume and method_options are
-    set per run. `shared_options` are `--opt` values (text or typed) for every method, each of
-    which must declare them; `method_options` are one method's, and win over the shared ones."""
+    An entry is a label naming a method (`mage`), or a variant of one (`mage-noattr` -> `mage`
+    in `entry_methods`, with its own options). `settings` is a TrainConfig whose scenario, method,
+    seed, out, resume and method_options are set per run; `given` names the settings the user
+    gave, which win over the recipe's (the other settings are TrainConfig's defaults).
+    `shared_options` are `--opt` values (text or typed) for every entry, each of whose methods
+    must declare them; `method_options` are one entry's, and win over the shared ones. A recipe's
+    values come first for what was not given; `label_settings` are per-entry TrainConfig fields
+    over everything (a sweep's learning rates)."""
 
     scenario: str
-    methods: tuple[str, ...]
+    methods: tuple[str, ...]  # entry labels
     seeds: tuple[int, ...]
     out: Path
     settings: TrainConfig
     shared_options: Mapping[str, object] = field(default_factory=dict)
     method_options: Mapping[str, Mapping[str, object]] = field(default_factory=dict)
+    entry_methods: Mapping[str, str] = field(default_factory=dict)  # label -> method, when they differ
+    recipe: Recipe | None = None
+    given: frozenset[str] = frozenset()
+    label_settings: Mapping[str, Mapping[str, object]] = field(default_factory=dict)
 
-    def options(self, method: str) -> dict[str, object]:
-        """The `--opt` values one method's runs get, as given (the method's parser types them)."""
-        return {**self.shared_options, **self.method_options.get(method, {})}
+    def method(self, label: str) -> str:
+        return self.entry_methods.get(label, label)
 
-    def run_dir(self, method: str, seed: int) -> Path:
-        return self.out / RUNS_DIR / f"{method}-seed{seed}"
+    def options(self, label: str) -> dict[str, object]:
+        """The `--opt` values one entry's runs get, as given (the method's parser types them)."""
+        from_recipe = self.recipe.method_options(self.method(label)) if self.recipe is not None else {}
+        return {**from_recipe, **self.shared_options, **self.method_options.get(label, {})}
 
-    def run_config(self, method: str, seed: int) -> TrainConfig:
+    def run_dir(self, label: str, seed: int) -> Path:
+        return self.out / RUNS_DIR / f"{label}-seed{seed}"
+
+    def run_config(self, label: str, seed: int) -> TrainConfig:
         """The `uniil train` config of one cell of the grid (resuming when its directory holds a run)."""
-        out = self.run_dir(method, seed)
-        return dataclasses.replace(self.settings, scenario=self.scenario, method=method, seed=seed, out=out,
-                                   resume=(out / ckpt.CONFIG).is_file(),
-                                   method_options=self.options(method))
+        out = self.run_dir(label, seed)
+        settings = self.settings
+        if self.recipe is not None:
+            from_recipe = {k: v for k, v in self.recipe.settings(self.method(label)).items() if k not in self.given}
+            settings = dataclasses.replace(settings, **from_recipe, recipe=str(self.recipe.path))
+        settings = dataclasses.replace(settings, **self.label_settings.get(label, {}))
+        return dataclasses.replace(settings, scenario=self.scenario, method=self.method(label), seed=seed, out=out,
+                                   resume=(out / ckpt.CONFIG).is_file(), method_options=self.options(label))
 
     @property
     def grid(self) -> list[tuple[str, int]]:
@@ -84,12 +102,30 @@ class BenchConfig:
 
 
 def parse_methods(text: str | Sequence[str]) -> tuple[str, ...]:
-    """`a,b,c` -> ("a", "b", "c"): at least one, none twice (existence is checked by `validate`)."""
+    """`a,b,c` -> ("a", "b", "c"): at least one, none twice (existence is checked by `validate`).
+    An item may be `label=method`: a variant of a method under its own label (see `entry_methods`)."""
     names = [n.strip() for n in (text.split(",") if isinstance(text, str) else text) if n.strip()]
     if not names:
         raise UserError("--methods: name at least one method, e.g. --methods zeroshot,finetune (uniil methods lists them)")
-    _once(names, "--methods", "method")
+    labels = [n.partition("=")[0].strip() for n in names]
+    for n, label in zip(names, labels):
+        method = n.partition("=")[2].strip()
+        if not label or ("=" in n and not method) or not all(c.isalnum() or c in "-_.@" for c in label):
+            raise UserError(f"--methods: {n!r} is not METHOD or LABEL=METHOD (a label of letters, digits, - _ . @), "
+                            "e.g. --methods mage,mage-noattr=mage")
+    _once(labels, "--methods", "method or label")
     return tuple(names)
+
+
+def entry_methods(items: Sequence[str]) -> tuple[tuple[str, ...], dict[str, str]]:
+    """parse_methods' items -> (labels, {label: method} for the `label=method` ones)."""
+    labels, methods = [], {}
+    for item in items:
+        label, sep, method = item.partition("=")
+        labels.append(label.strip())
+        if sep:
+            methods[label.strip()] = method.strip()
+    return tuple(labels), methods
 
 
 def parse_seeds(text: str | Sequence[int]) -> tuple[int, ...]:
@@ -144,12 +180,14 @@ def parse_option_items(items: Sequence[str], methods: Sequence[str]) -> tuple[di
 
 
 def bench_config(scenario: str, methods: str | Sequence[str], seeds: str | Sequence[int], out: Path,
-                 settings: TrainConfig, opt_items: Sequence[str] = ()) -> BenchConfig:
-    """A BenchConfig from command-line text (`a,b`, `0,1`, `--opt` items); each part is a one-line
+                 settings: TrainConfig, opt_items: Sequence[str] = (), recipe: Recipe | None = None,
+                 given: Sequence[str] = ()) -> BenchConfig:
+    """A BenchConfig from command-line text (`a,b=c`, `0,1`, `--opt` items); each part is a one-line
     UserError when malformed. `validate` checks the rest."""
-    names = parse_methods(methods)
-    shared, own = parse_option_items(opt_items, names)
-    return BenchConfig(scenario, names, parse_seeds(seeds), Path(out), settings, shared, own)
+    labels, variants = entry_methods(parse_methods(methods))
+    shared, own = parse_option_items(opt_items, labels)
+    return BenchConfig(scenario, labels, parse_seeds(seeds), Path(out), settings, shared, own, variants, recipe,
+                       frozenset(given))
 
 
 def validate(cfg: BenchConfig) -> dict[str, object]:
@@ -170,16 +208,18 @@ def validate(cfg: BenchConfig) -> dict[str, object]:
     if cfg.settings.pool is not None and not Path(cfg.settings.pool).is_file():
         raise UserError(f"--pool {cfg.settings.pool} does not exist; build it with `uniil attrs build`")
     typed = {}
-    for method in cfg.methods:
+    for label in cfg.methods:
+        method = cfg.method(label)
         cls = method_class(method)
         known = [s.name for s in option_specs(cls.Options, cls.presets)]
         lacking = [k for k in cfg.shared_options if k not in known]
         if lacking:  # a plain --opt key=value applies to every method: say how to aim it at one
             raise UserError(f"--opt {lacking[0]}=...: method {method} has no option {lacking[0]} (its options: "
                             f"{', '.join(known)}); write METHOD:{lacking[0]}=VALUE to set it for one method")
-        typed[method] = opts = cls.parse_options(cfg.options(method))
+        typed[label] = opts = cls.parse_options(cfg.options(label))
+        cfg.run_config(label, cfg.seeds[0]).validate()
         if cfg.settings.pool is None and cls.requires_pool(opts):
-            raise UserError(f"method {method} needs an attribute pool: pass --pool P.duckdb "
+            raise UserError(f"method {label} needs an attribute pool: pass --pool P.duckdb "
                             "(build one with `uniil attrs build`), or leave it out of --methods")
     if cfg.settings.device.startswith("cuda"):
         import torch
@@ -197,6 +237,7 @@ def _check_run_dir(cfg: BenchConfig, method: str, seed: int, opts) -> None:
     from ..typed_options import options_json
 
     run = cfg.run_config(method, seed)
+    method = run.method  # a variant's label -> its method
     if not run.out.exists():
         return
     if not run.out.is_dir():
@@ -267,19 +308,20 @@ class Stat:
 
 @dataclass(frozen=True)
 class MethodSummary:
-    method: str
+    method: str  # the entry's label
     options: dict  # the resolved, typed options every run of the method used
     runs: tuple[RunOutcome, ...]  # one per seed, in --seeds order
     stats: dict[str, Stat]  # key of BENCH_METRICS -> over the finished seeds
     curve_mean: tuple[float, ...]  # per step: class-IL accuracy on the steps seen so far
     curve_std: tuple[float | None, ...]
+    settings: dict = field(default_factory=dict)  # the entry's own training settings (method, lr, ...)
 
     @property
     def finished(self) -> list[RunOutcome]:
         return [r for r in self.runs if not r.failed]
 
     def to_json(self, root: Path) -> dict:
-        return {"options": self.options,
+        return {**self.settings, "options": self.options,
                 "seeds": {str(r.seed): {"status": r.status, "reason": r.reason, "path": _rel(r.path, root),
                                         "metrics": r.metrics()} for r in self.runs},
                 "n": len(self.finished),
@@ -303,12 +345,22 @@ class BenchResult:
 
     def to_json(self) -> dict:
         cfg = self.config
-        shared = {k: v for k, v in cfg.settings.as_json().items()
-                  if k not in ("scenario", "method", "seed", "out", "resume", "method_options")}
+        first = cfg.run_config(cfg.methods[0], cfg.seeds[0])
+        shared = {k: v for k, v in first.as_json().items()
+                  if k not in ("scenario", "seed", "out", "resume", "method_options", *OWN_SETTINGS)}
         return {"scenario": cfg.scenario, "methods": list(cfg.methods), "seeds": list(cfg.seeds),
                 "settings": shared, "note": "std: sample standard deviation over the finished seeds (n - 1); null with one",
                 "results": {s.method: s.to_json(cfg.out) for s in self.summaries},
                 "failed": [{"method": r.method, "seed": r.seed, "reason": r.reason} for r in self.failed]}
+
+
+# Settings that may differ between a bench's entries (a recipe's learning rates, a sweep's grid).
+OWN_SETTINGS = ("method", "lr", "epochs", "iters", "batch_size", "warmup", "weight_decay")
+
+
+def _own_settings(cfg: BenchConfig, label: str) -> dict:
+    run = cfg.run_config(label, cfg.seeds[0])
+    return {k: getattr(run, k) for k in OWN_SETTINGS}
 
 
 def _rel(path: Path, root: Path) -> str:
@@ -333,7 +385,7 @@ def seen_curve(record: MetricsRecord) -> list[float]:
     return out
 
 
-def summarise(method: str, options: dict, runs: Sequence[RunOutcome]) -> MethodSummary:
+def summarise(method: str, options: dict, runs: Sequence[RunOutcome], settings: dict | None = None) -> MethodSummary:
     finished = [r for r in runs if not r.failed]
     stats = {k: Stat.of([r.metrics()[k] for r in finished]) for k, _ in BENCH_METRICS}
     curves = [seen_curve(r.record) for r in finished if r.record is not None]
@@ -343,7 +395,7 @@ def summarise(method: str, options: dict, runs: Sequence[RunOutcome]) -> MethodS
         s = Stat.of([c[j] for c in curves])
         mean.append(s.mean)
         std.append(s.std)
-    return MethodSummary(method, options, tuple(runs), stats, tuple(mean), tuple(std))
+    return MethodSummary(method, options, tuple(runs), stats, tuple(mean), tuple(std), dict(settings or {}))
 
 
 # -- running ------------------------------------------------------------------------------------
@@ -392,7 +444,7 @@ def run_bench(cfg: BenchConfig, progress: Progress | None = None,
         if on_run is not None:
             on_run(outcome)
     bar.stop("bench")
-    summaries = tuple(summarise(m, options_json(typed[m]), [outcomes[(m, s)] for s in cfg.seeds])
+    summaries = tuple(summarise(m, options_json(typed[m]), [outcomes[(m, s)] for s in cfg.seeds], _own_settings(cfg, m))
                       for m in cfg.methods)
     result = BenchResult(cfg, summaries)
     write_outputs(result)

@@ -10,10 +10,16 @@ from pathlib import Path
 from ..errors import UserError
 
 PRECISIONS = ("fp32", "bf16", "fp16")
-# Fields that do not change results: a resumed run may differ in these.
-NOT_IDENTITY = {"out", "resume", "device"}
+# test: train on the training split, evaluate on the test split (results). val: train on 80% of
+# each class's training images, evaluate on the other 20% (choosing hyperparameters, `uniil sweep`).
+EVAL_SPLITS = ("test", "val")
+# Fields that do not change results: a resumed run may differ in these. `recipe` names where the
+# defaults came from; the values themselves are the other fields.
+NOT_IDENTITY = {"out", "resume", "device", "recipe"}
 # Fields earlier versions wrote that mean nothing now (num_workers: a --workers flag nothing read).
 RETIRED = {"num_workers"}
+# Fields added since runs were first recorded, with the value an older run had without saying so.
+ADDED = {"eval_split": "test"}
 PATHS = ("out", "pool", "data_root")
 
 
@@ -39,6 +45,8 @@ class TrainConfig:
     synthetic_train_per_class: int = 40
     synthetic_test_per_class: int = 10
     resume: bool = False
+    eval_split: str = "test"
+    recipe: str | None = None  # the recipe file whose values filled in what flags did not give
     # `--opt` options: as given (text or typed values) until the engine resolves them; a run's
     # config.json records the resolved, typed options of the method (every declared field).
     method_options: dict = field(default_factory=dict)
@@ -46,6 +54,8 @@ class TrainConfig:
     def validate(self) -> None:
         if self.precision not in PRECISIONS:
             raise UserError(f"unknown --precision {self.precision}; use {', '.join(PRECISIONS)}")
+        if self.eval_split not in EVAL_SPLITS:
+            raise UserError(f"unknown --eval-split {self.eval_split}; use {', '.join(EVAL_SPLITS)}")
         flags = {"epochs": "--epochs", "batch_size": "--batch-size", "synthetic_train_per_class": "--train-per-class",
                  "synthetic_test_per_class": "--test-per-class"}
         for name, flag in flags.items():
@@ -86,6 +96,9 @@ class TrainConfig:
         parser) turns them into the same resolved options. Options it cannot read are refused
         naming the version (`version()`) that wrote them."""
         identity = self.identity()
+        for k, before in ADDED.items():
+            if k not in stored and identity.get(k) == before:
+                del identity[k]
         theirs = stored.get("method_options")
         if stored.get("method") != self.method or not isinstance(theirs, dict) or theirs == identity["method_options"]:
             return identity  # another method, or the same record: the plain comparison says it all

@@ -7,7 +7,7 @@ method's typed declaration like any `--opt`, so the CLI holds nothing about a pa
 from __future__ import annotations
 
 DEMO_SCENARIO = "synthetic-uniil"
-DEMO_DATASETS = ("synthetic", "synthetic-colours")
+DEMO_DATASETS = ("synthetic", "synthetic-digits", "synthetic-patterns")  # the datasets of DEMO_SCENARIO
 DEMO_RUNS = (
     ("zeroshot", "zeroshot", {}),
     ("zeroshot-descriptions", "zeroshot", {"prototypes": "descriptions"}),

@@ -107,7 +107,7 @@ class Trainer:
         self.dist = Dist(cfg.device)
         self.vocab = vocabulary(self.scenario)
         self.data_opts = DataOptions(str(cfg.data_root) if cfg.data_root else None, cfg.download,
-                                     cfg.synthetic_train_per_class, cfg.synthetic_test_per_class)
+                                     cfg.synthetic_train_per_class, cfg.synthetic_test_per_class, cfg.eval_split)
         self._test_cache: dict[int, tuple] = {}
         self.pool_attrs = self._load_pool()
 

@@ -48,13 +48,25 @@ class DataOptions:
     download: bool = False
     synthetic_train_per_class: int = 40
     synthetic_test_per_class: int = 10
+    eval_split: str = "test"  # "val": train and evaluate on the two parts of the training images
 
 
 def step_source(step, split: str, opts: DataOptions) -> ImageSource:
-    """The images of one step's classes and domain in one split, labels as dataset label indices."""
-    from ..data.synthetic import TARGETS
+    """The images of one step's classes and domain in one split, labels as dataset label indices.
 
-    if step.dataset in TARGETS:  # rendered: only the step's classes, as many per class as asked
+    With `eval_split="val"` the test split is never read: "train" is 80% of each class's training
+    images and "test" the other 20% (the seeded per-class split of data/splits.py), which is what
+    hyperparameters are chosen on."""
+    if opts.eval_split == "val":
+        whole = _split_source(step, "train", opts)
+        return carve(whole, "val" if split == "test" else "train")
+    return _split_source(step, split, opts)
+
+
+def _split_source(step, split: str, opts: DataOptions) -> ImageSource:
+    from ..data.rendered import RENDERED
+
+    if step.dataset in RENDERED:  # rendered: only the step's classes, as many per class as asked
         n = opts.synthetic_train_per_class if split == "train" else opts.synthetic_test_per_class
         return synthetic_images(step.dataset, split, step.domain, n, classes=list(step.classes))
     full = dataset_images(step.dataset, split, step.domain if step.domain != "default" else None,
@@ -68,12 +80,26 @@ def subset(src: ImageSource, labels: set[int]) -> ImageSource:
     picks = [i for i, y in enumerate(src.labels) if y in labels]
     if len(picks) == len(src):
         return src
+    return _picked(src, picks, f"subset:{hashlib.sha256(','.join(map(str, sorted(labels))).encode()).hexdigest()[:16]}")
+
+
+def carve(src: ImageSource, part: str) -> ImageSource:
+    """The "train" (80%) or "val" (20%) part of a training split, per class, seeded by the images'
+    keys alone: the same carve on every machine and in every run."""
+    from ..data.splits import seeded_split
+
+    if src.labels is None:
+        raise ValueError("a step's images need labels")
+    picks = seeded_split(src.keys, src.labels, "test" if part == "val" else "train",
+                         f"{src.dataset}/{src.split}")
+    return _picked(src, picks, f"carve-{part}", split=f"{src.split}:{part}")
+
+
+def _picked(src: ImageSource, picks: list[int], tag: str, split: str | None = None) -> ImageSource:
     inner = src.loader
-    key = None
-    if src.cache_key:
-        key = f"{src.cache_key}:subset:{hashlib.sha256(','.join(map(str, sorted(labels))).encode()).hexdigest()[:16]}"
+    key = f"{src.cache_key}:{tag}" if src.cache_key else None
     return ImageSource([src.keys[i] for i in picks], lambda j: inner(picks[j]), [src.labels[i] for i in picks],
-                       src.classes, src.dataset, src.split, src.domain, key)
+                       src.classes, src.dataset, split or src.split, src.domain, key)
 
 
 class TensorImages(torch.utils.data.Dataset):

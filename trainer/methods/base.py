@@ -107,6 +107,14 @@ def label_smoothing_option():
     return opt(0.0, "label smoothing of the cross-entropy", fraction=True)
 
 
+def train_vocab_option(default: str = "step"):
+    """The `train_vocab` option of a method trained with `classification_loss`."""
+    return opt(default, "classes the training cross-entropy ranges over: the step's own (as MoE-Adapters' code "
+                        "trains), or every class seen so far (the class-IL test vocabulary: old classes' text "
+                        "embeddings are negatives, so new images are not left nearest to an old class)",
+               choices=("step", "seen"))
+
+
 class ContinualMethod(nn.Module):
     """A continual-learning method (see the module docstring for the contract)."""
 
@@ -171,9 +179,11 @@ class ContinualMethod(nn.Module):
 
     def classification_loss(self, features: torch.Tensor, batch: Batch, data: StepData,
                             label_smoothing: float = 0.0) -> torch.Tensor:
-        """Cross-entropy of `logits` over the step's classes (a method with a `label_smoothing`
-        option, declared with `label_smoothing_option()`, passes it)."""
-        return nn.functional.cross_entropy(self.logits(features, data.classes), self.positions(batch.targets, data.classes),
+        """Cross-entropy of `logits` over the step's classes, or over every class seen so far when
+        the method's `train_vocab` option (`train_vocab_option()`) says "seen". A method with a
+        `label_smoothing` option, declared with `label_smoothing_option()`, passes it."""
+        vocab = data.seen_classes if getattr(self.opts, "train_vocab", "step") == "seen" else data.classes
+        return nn.functional.cross_entropy(self.logits(features, vocab), self.positions(batch.targets, vocab),
                                            label_smoothing=label_smoothing)
 
     def positions(self, targets: torch.Tensor, classes: torch.Tensor) -> torch.Tensor:

@@ -8,7 +8,7 @@ from dataclasses import dataclass
 import torch
 
 from ..adapters import Adapters, RoutingContext
-from .base import Batch, ContinualMethod, StepData, label_smoothing_option, opt, register_method
+from .base import Batch, ContinualMethod, StepData, label_smoothing_option, train_vocab_option, opt, register_method
 
 
 @register_method("finetune")
@@ -20,6 +20,7 @@ class Finetune(ContinualMethod):
         adapter_rank: int = opt(64, "bottleneck width r of each adapter", minimum=1)
         adapter_scale: float = opt(0.1, "scale s of the adapter output added to the block's")
         label_smoothing: float = label_smoothing_option()
+        train_vocab: str = train_vocab_option()
 
     def __init__(self, clip, text, opts=None, context=None):
         super().__init__(clip, text, opts, context)

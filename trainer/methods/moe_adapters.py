@@ -21,6 +21,9 @@ Presets (`--opt preset=...`, see `presets`); every field can be overridden with 
         --batch-size 128 --lr 1e-3 --warmup 30 (the engine's defaults except the batch size).
   mtil: num_experts=22, top_k=2, one router per task, freeze_top=2, DDAS selector, label
         smoothing 0.2. Needs engine flags: --iters 1000 --batch-size 64 --warmup 100 (--lr 1e-3).
+  mixed: the mtil configuration (what the original runs on a sequence of different tasks) scaled
+        to a 6-8 step scenario such as synthetic-uniil: 2 experts per step as mtil has (14), top-2,
+        one router per step, freeze_top=2, DDAS, label smoothing 0.2.
 The options, with help, are declared in `MoEAdapters.Options` (`uniil methods show moe-adapters`).
 """
 
@@ -47,10 +50,10 @@ def _reference_problem(value: str | None) -> str | None:
     from pathlib import Path
 
     from ...data.registry import known_datasets
-    from ...data.synthetic import TARGETS
+    from ...data.rendered import RENDERED
 
     name = value.partition(":")[0]
-    if name in TARGETS or name in known_datasets() or Path(value).is_dir():
+    if name in RENDERED or name in known_datasets() or Path(value).is_dir():
         return None
     return "name a dataset (DATASET or DATASET:DOMAIN) or an ImageFolder root"
 
@@ -80,6 +83,8 @@ class MoEAdapters(MoEMethod):
                 "label_smoothing": 0.0},
         "mtil": {"num_experts": 22, "top_k": 2, "task_routers": True, "freeze_top": 2, "selector": True,
                  "label_smoothing": 0.2},
+        "mixed": {"num_experts": 14, "top_k": 2, "task_routers": True, "freeze_top": 2, "selector": True,
+                  "label_smoothing": 0.2},
     }
 
     def __init__(self, clip, text, opts=None, context=None):

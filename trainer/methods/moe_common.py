@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from ...errors import UserError
 from ..adapters import Adapters, RoutingContext, expert_usage, load_balancing_loss
 from ..sources import cached_features
-from .base import Batch, ContinualMethod, label_smoothing_option, opt
+from .base import Batch, ContinualMethod, label_smoothing_option, train_vocab_option, opt
 
 log = logging.getLogger(__name__)
 
@@ -67,6 +67,7 @@ class MoEMethod(ContinualMethod):
         adapter_scale: float = opt(0.1, "scale s of the expert output added to the block's")
         adapter_dropout: float = opt(0.0, "dropout inside the experts", fraction=True)
         label_smoothing: float = label_smoothing_option()
+        train_vocab: str = train_vocab_option()
 
         def check(self) -> None:
             if self.top_k > self.num_experts:
