@@ -16,7 +16,7 @@ from rich.console import Console
 from rich.table import Table
 
 from .errors import UserError
-from .trainer.demo import DEMO_DATASETS, DEMO_RUNS, DEMO_SCENARIO  # plain data: no heavy imports
+from .trainer.demo import DEMO_DATASETS, DEMO_RUNS, DEMO_SCENARIO, DEMO_SETTINGS  # plain data: no heavy imports
 
 app = typer.Typer(no_args_is_help=True, add_completion=False, rich_markup_mode=None,
                   help="Continual learning of CLIP guided by LLM-generated attributes.")
@@ -797,7 +797,8 @@ def demo(
     workdir: Annotated[Path, typer.Option(help="Where the demo writes its pool, runs and report.")] = Path("demo-out"),
     llm: Annotated[str, typer.Option(help="LLM for the pool (default: the embedded offline model).")] = "local",
     clip_model: Annotated[str, typer.Option("--clip-model", help="Backbone of the demo.")] = "uniil-micro",
-    epochs: EpochsOpt = None,
+    epochs: Annotated[Optional[int], typer.Option(help="Epochs per step [2: a fifth of the recipe's budget].",
+                                                  show_default=False)] = None,
 ):
     """The main job on embedded defaults, offline: an attribute pool for the synthetic world, then
     each method on the synthetic-uniil scenario, compared in one report."""
@@ -843,11 +844,13 @@ def demo(
     recipe = find_recipe(None, DEMO_SCENARIO)  # each method's values chosen on validation (uniil sweep)
     for name, method, options in DEMO_RUNS:
         run_dir = workdir / "runs" / name
+        settings = {**DEMO_SETTINGS, **({"epochs": epochs} if epochs is not None else {})}
         tcfg = train_config(DEMO_SCENARIO, method, run_dir, recipe,
-                            {"pool": pool, "clip_model": clip_model, "epochs": epochs,
+                            {"pool": pool, "clip_model": clip_model, **settings,
                              "resume": (run_dir / "config.json").exists()}, dict(options))
         opts = "".join(f" --opt {k}={format_value(v)}" for k, v in options.items())
-        flags = f" --epochs {epochs}" if epochs is not None else ""
+        flags = (f" --epochs {settings['epochs']} --train-per-class {settings['synthetic_train_per_class']}"
+                 f" --test-per-class {settings['synthetic_test_per_class']}")
         out.print(f"uniil train --scenario {DEMO_SCENARIO} --method {method}{opts} --pool {pool} "
                   f"--clip-model {clip_model}{flags} --out {run_dir}", markup=False, highlight=False)
         with RichProgress(keep_finished=False) as progress:
