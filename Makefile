@@ -37,7 +37,7 @@ browser:
 # no test's timeout has to cover it; when its weights are cached this is a no-op.
 test: venv browser
 	$(BIN)/uniil backbone build uniil-micro
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q --durations=10
 
 bench: venv
 	$(BIN)/python benchmarks/bench_attrs_build.py

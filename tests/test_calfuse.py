@@ -315,29 +315,26 @@ def test_replay_tables_match_the_cached_training_features(calfuse_run, cache_dir
         assert torch.allclose(first["replay_scatter"][c].double(), centred.T @ centred, atol=1e-5)
 
 
-def test_ctrl_c_then_resume_ends_like_an_uninterrupted_calfuse_run(calfuse_run, tmp_path, cache_dir):
-    resumed = tmp_path / "resumed"
-    cmd = [sys.executable, "-m", "uniil.cli", "train", *FAST, "--method", "calfuse", "--out", str(resumed)]
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            env={**os.environ, "UNIIL_CACHE_DIR": str(cache_dir)})
-    second = resumed / "checkpoints" / "step-002.json"
-    deadline = time.time() + 240
-    while not second.exists() and proc.poll() is None and time.time() < deadline:
-        time.sleep(0.005)
-    proc.send_signal(signal.SIGSTOP)  # freeze it at once (steps on cached features are fast), then Ctrl-C
-    proc.send_signal(signal.SIGINT)
-    proc.send_signal(signal.SIGCONT)
-    _, err = proc.communicate(timeout=120)
-    assert proc.returncode == 130, err
+def test_ctrl_c_then_resume_ends_like_an_uninterrupted_calfuse_run(tmp_path, cache_dir):
+    from test_train import interrupt_after_second_step
+
+    # Steps on cached features are fast: 600 optimiser steps (about a second) each keep the run
+    # busy long enough that it cannot finish between the check for step 2's checkpoint and the SIGSTOP.
+    args = [*FAST, "--iters", "600", "--method", "calfuse"]
+    whole, resumed = tmp_path / "whole", tmp_path / "resumed"
+    assert run_cli("train", *args, "--out", whole).code == 0
+    proc = interrupt_after_second_step([sys.executable, "-m", "uniil.cli", "train", *args, "--out", str(resumed)],
+                                       resumed, env={**os.environ, "UNIIL_CACHE_DIR": str(cache_dir)})
+    assert proc.returncode == 130, proc.stderr
     m = run_metrics(resumed)
     assert 2 <= m.finished_steps < len(m.steps) and m.class_il.last is None
-    res = run_cli("train", *FAST, "--method", "calfuse", "--out", resumed, "--resume")
+    res = run_cli("train", *args, "--out", resumed, "--resume")
     assert res.code == 0, res.err
-    assert run_metrics(resumed).class_il.accuracy_matrix == run_metrics(calfuse_run).class_il.accuracy_matrix
+    assert run_metrics(resumed).class_il.accuracy_matrix == run_metrics(whole).class_il.accuracy_matrix
     from safetensors.torch import load_file
     last = f"step-{len(m.steps):03d}.safetensors"
     a = load_file(str(resumed / "checkpoints" / last))
-    b = load_file(str(calfuse_run / "checkpoints" / last))
+    b = load_file(str(whole / "checkpoints" / last))
     assert all(torch.equal(a[k], b[k]) for k in b)
 
 

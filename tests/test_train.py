@@ -72,26 +72,39 @@ def test_same_seed_same_metrics(finetune_run, tmp_path):
     assert any((a[k] != b[k]).any() for k in a)
 
 
-def test_ctrl_c_then_resume_ends_like_an_uninterrupted_run(finetune_run, tmp_path):
-    run, _ = finetune_run
-    resumed = tmp_path / "resumed"
-    cmd = [sys.executable, "-m", "uniil.cli", "train", *FAST, "--method", "finetune", "--out", str(resumed)]
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    second = resumed / "checkpoints" / "step-002.json"
+def interrupt_after_second_step(cmd: list[str], run_dir, env=None) -> subprocess.CompletedProcess:
+    """Start `cmd`, and as soon as its second step's checkpoint exists freeze it (SIGSTOP), send
+    Ctrl-C and let it go on: it sees the interrupt during its third step, however busy the machine."""
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    second = run_dir / "checkpoints" / "step-002.json"
     deadline = time.time() + 240
     while not second.exists() and proc.poll() is None and time.time() < deadline:
-        time.sleep(0.05)
+        time.sleep(0.005)
+    proc.send_signal(signal.SIGSTOP)
     proc.send_signal(signal.SIGINT)
-    _, err = proc.communicate(timeout=120)
+    proc.send_signal(signal.SIGCONT)
+    out, err = proc.communicate(timeout=120)
+    return subprocess.CompletedProcess(cmd, proc.returncode, out, err)
+
+
+def test_ctrl_c_then_resume_ends_like_an_uninterrupted_run(tmp_path):
+    # Steps long enough (100 optimiser steps each) that the run cannot finish between the check
+    # for step 2's checkpoint and the SIGSTOP, even on a loaded machine.
+    args = [*FAST, "--iters", "100", "--method", "finetune"]
+    run, resumed = tmp_path / "whole", tmp_path / "resumed"
+    assert run_cli("train", *args, "--out", run).code == 0
+    proc = interrupt_after_second_step([sys.executable, "-m", "uniil.cli", "train", *args, "--out", str(resumed)],
+                                       resumed)
+    err = proc.stderr
     assert proc.returncode == 130, err
     assert "Traceback" not in err and "--resume" in err
     m = run_metrics(resumed)
     assert 2 <= m.finished_steps < 7 and m.class_il.last is None  # partial, metrics not yet defined
-    res = run_cli("train", *FAST, "--method", "finetune", "--out", resumed, "--resume")
+    res = run_cli("train", *args, "--out", resumed, "--resume")
     assert res.code == 0, res.err
     assert run_metrics(resumed).class_il.accuracy_matrix == run_metrics(run).class_il.accuracy_matrix
     # resuming a finished run trains nothing and keeps the result
-    assert run_cli("train", *FAST, "--method", "finetune", "--out", resumed, "--resume").code == 0
+    assert run_cli("train", *args, "--out", resumed, "--resume").code == 0
     assert run_metrics(resumed).finished_steps == 7
 
 
