@@ -6,6 +6,7 @@ from __future__ import annotations
 import contextlib
 import io
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -19,6 +20,11 @@ sys.path.insert(0, str(Path(__file__).parent))
 from llm_server import FakeLLMServer  # noqa: E402
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+# A background job of a non-interactive shell (`make test &` in a script) starts with SIGINT
+# ignored, and children inherit that: the tests that press Ctrl-C on a uniil process would see it
+# ignored. Children of a process with a SIGINT handler start with the default disposition.
+if signal.getsignal(signal.SIGINT) == signal.SIG_IGN:
+    signal.signal(signal.SIGINT, signal.default_int_handler)
 os.environ.setdefault("COLUMNS", "200")  # rich tables unwrapped, so tests can read them
 # uniil-micro trains once per machine; tests that point UNIIL_CACHE_DIR elsewhere still share it.
 os.environ.setdefault("UNIIL_BACKBONE_DIR", str(Path.home() / ".cache" / "uniil" / "backbones"))
