@@ -12,12 +12,10 @@ DEMO_SCENARIO = "synthetic-uniil"
 # else (learning rates, options) is the recipe's. `uniil bench` runs the full recipe.
 DEMO_SETTINGS = {"synthetic_train_per_class": 100, "synthetic_test_per_class": 10, "epochs": 2}
 DEMO_DATASETS = ("synthetic", "synthetic-digits", "synthetic-patterns")  # the datasets of DEMO_SCENARIO
-DEMO_RUNS = (
+DEMO_RUNS = (  # one run per method; ablations (mage without attributes, ...) are `uniil bench`'s job
     ("zeroshot", "zeroshot", {}),
-    ("zeroshot-descriptions", "zeroshot", {"prototypes": "descriptions"}),
     ("finetune", "finetune", {}),
     ("moe-adapters", "moe-adapters", {}),
     ("mage", "mage", {}),
-    ("mage-no-attributes", "mage", {"no_attributes": True}),
     ("calfuse", "calfuse", {}),
 )
