@@ -20,6 +20,16 @@ def class_text_embeddings(clip, classes: list[str], templates=CLASS_TEMPLATES) -
     return mean / np.linalg.norm(mean, axis=1, keepdims=True)
 
 
+def prompt_embeddings(clip, prompts: list[list[str]]) -> np.ndarray:
+    """t_c from each class's own prompts (lists may differ in length): the normalised mean of their
+    normalised text embeddings."""
+    flat = [p for own in prompts for p in own]
+    embedded = clip.encode_text(flat)
+    ends = np.cumsum([len(own) for own in prompts])
+    mean = np.stack([embedded[e - len(own):e].mean(axis=0) for e, own in zip(ends, prompts)])
+    return mean / np.linalg.norm(mean, axis=1, keepdims=True)
+
+
 def class_attribute_means(attrs, classes: list[str]) -> np.ndarray:
     """[C, D] mean embedding of each class's attributes; every class must have some."""
     means, missing = [], []

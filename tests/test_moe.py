@@ -77,7 +77,8 @@ def test_load_balancing_loss_is_part_of_the_training_loss(world):
 # -- freezing ------------------------------------------------------------------------------------
 @pytest.mark.parametrize("make", [moe, mage])
 def test_frozen_experts_do_not_change_across_a_step(world, make):
-    method = make(world, preset="mtil", num_experts=6, freeze_top=2) if make is moe else make(world, num_experts=6)
+    method = make(world, preset="mtil", num_experts=6, freeze_top=2, freeze_rule="trainable") if make is moe else \
+        make(world, num_experts=6)
     train(method, world, 0, weight_decay=0.1)
     frozen = method.adapters.frozen()
     assert frozen.sum(1).tolist() == [2] * method.adapters.num_layers

@@ -84,6 +84,8 @@ def test_train_moe_adapters_end_to_end(tmp_path):
     assert sum(stats["ddas"]["task_counts"]) + stats["ddas"]["original_clip"] == sum(m.test_sizes)
     tensors = load_file(str(sorted((run / "checkpoints").glob("*.safetensors"))[-1]))
     assert "w_gate.0" in tensors and "selector.tasks.0.enc.weight" in tensors
+    assert "text_experts.w_gate.0" in tensors and "text_experts.adapters.banks.0.frozen" in tensors
+    assert not any(k.endswith(".tokens") for k in tensors)  # derived from the scenario, not saved
     res = run_cli("train", *FAST, "--method", "moe-adapters", "--out", tmp_path / "bad", "--opt", "preset=nope")
     assert res.code == 1 and "moe-adapters: --opt preset='nope': use one of cil, mtil" in res.err
     recorded = json.loads((run / "config.json").read_text())["config"]["method_options"]
@@ -173,3 +175,4 @@ def test_ddp_statistics_count_every_test_image_once(tmp_path):
     for stats in m.statistics:
         ddas = stats["ddas"]
         assert sum(ddas["task_counts"]) + ddas["original_clip"] == evaluated
+        assert stats["text"]["frozen"]  # the text tower's experts trained and froze under DDP too

@@ -166,6 +166,9 @@ class AdaptedBlock(nn.Module):
         self.context: RoutingContext | None = None  # set by `Adapters.routing` around a forward
         self.enabled = True
 
+    def get_weight_dtype(self) -> torch.dtype:  # open_clip's text transformer asks its first block
+        return self.block.get_weight_dtype()
+
     def forward(self, q_x, k_x=None, v_x=None, attn_mask=None):
         b = self.block
         if not self.enabled or self.context is None:
@@ -197,13 +200,36 @@ class AdaptedBlock(nn.Module):
         return weights, indices
 
 
+TOWERS = ("image", "text")
+
+
+def tower_transformer(clip_model: nn.Module, tower: str) -> nn.Module | None:
+    """The open_clip transformer of a CLIP tower (its blocks are what adapters replace), or None when
+    the tower is not one (a timm or ResNet image tower, a Hugging Face text tower such as
+    uniil-micro's MiniLM)."""
+    from open_clip.transformer import Transformer
+
+    if tower == "image":
+        found = getattr(getattr(clip_model, "visual", None), "transformer", None)
+    elif isinstance(getattr(clip_model, "transformer", None), Transformer):  # CLIP: the text tower's blocks
+        found = clip_model.transformer
+    else:  # CustomTextCLIP with open_clip's TextTransformer
+        found = getattr(getattr(clip_model, "text", None), "transformer", None)
+    return found if isinstance(found, Transformer) else None
+
+
 class Adapters(nn.Module):
-    """Expert banks in the chosen blocks of a CLIP image tower, inserted by module replacement."""
+    """Expert banks in the chosen blocks of one CLIP tower (`tower`: "image" or "text"), inserted by
+    module replacement. In the text tower a block routes on the first token (start of text), as
+    the original MoE-Adapters does: under the causal mask it sees only itself, so every prompt of a
+    batch is routed alike."""
 
     def __init__(self, clip_model: nn.Module, num_experts: int = 1, rank: int = 64, scale: float = 0.1,
-                 dropout: float = 0.0, layers: list[int] | None = None):
+                 dropout: float = 0.0, layers: list[int] | None = None, tower: str = "image"):
         super().__init__()
-        transformer = clip_model.visual.transformer
+        transformer = tower_transformer(clip_model, tower)
+        if transformer is None:
+            raise ValueError(f"the {tower} tower of {type(clip_model).__name__} is not an open_clip transformer")
         blocks = transformer.resblocks
         chosen = list(range(len(blocks))) if layers is None else layers
         width = transformer.width
@@ -217,7 +243,7 @@ class Adapters(nn.Module):
             blocks[i] = adapted
             self.banks.append(bank)
             self._blocks.append(adapted)
-        self.num_experts, self.width = num_experts, width
+        self.num_experts, self.width, self.tower = num_experts, width, tower
 
     @property
     def num_layers(self) -> int:

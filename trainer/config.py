@@ -21,6 +21,9 @@ RETIRED = {"num_workers"}
 # Fields added since runs were first recorded, with the value an older run had without saying so.
 ADDED = {"eval_split": "test"}
 PATHS = ("out", "pool", "data_root")
+# Warm-up iterations when --warmup is not given, capped at a quarter of a step's iterations. A
+# given --warmup is used as given. (Runs recorded before the cap depended on this wrote 30.)
+DEFAULT_WARMUP = 30
 
 
 @dataclass
@@ -36,7 +39,7 @@ class TrainConfig:
     batch_size: int = 64
     lr: float = 1e-3
     weight_decay: float = 0.0
-    warmup: int = 30
+    warmup: int | None = None  # None: DEFAULT_WARMUP, capped (see engine)
     seed: int = 0
     device: str = "cpu"
     precision: str = "fp32"
@@ -65,6 +68,8 @@ class TrainConfig:
             raise UserError("--iters must be at least 1")
         if self.lr <= 0:
             raise UserError("--lr must be positive")
+        if self.warmup is not None and self.warmup < 0:
+            raise UserError("--warmup must be 0 or more")
 
     def as_json(self) -> dict:
         d = asdict(self)
@@ -99,6 +104,8 @@ class TrainConfig:
         for k, before in ADDED.items():
             if k not in stored and identity.get(k) == before:
                 del identity[k]
+        if identity.get("warmup") is None and stored.get("warmup") == DEFAULT_WARMUP:
+            identity["warmup"] = DEFAULT_WARMUP  # the default, as earlier versions recorded it
         theirs = stored.get("method_options")
         if stored.get("method") != self.method or not isinstance(theirs, dict) or theirs == identity["method_options"]:
             return identity  # another method, or the same record: the plain comparison says it all

@@ -16,6 +16,7 @@ import os
 import platform
 import time
 from dataclasses import dataclass
+from functools import partial
 from importlib import metadata
 
 import numpy as np
@@ -24,7 +25,7 @@ import torch
 from ..backbones.spec import BackboneSpec
 from ..errors import UserError
 from . import checkpoint as ckpt
-from .config import TrainConfig
+from .config import DEFAULT_WARMUP, TrainConfig
 from .records import MetricsRecord, StepInfo
 from .sources import DataOptions, TensorImages, cached_features, global_targets, materialise, step_source, vocabulary
 from .methods.base import Batch, ContinualMethod, RunContext, StepData, method_class
@@ -136,7 +137,8 @@ class Trainer:
         self.clip = load_backbone(self.spec, device=str(self.device), progress=self.progress if self.dist.main else None)
         templates = tuple(self.method_opts.templates.split("|"))
         text = torch.from_numpy(class_text_embeddings(self.clip, list(self.vocab.names), templates))
-        context = RunContext(self.pool_attrs, tuple(self.vocab.names), templates, self.data_opts, self.device)
+        context = RunContext(self.pool_attrs, tuple(self.vocab.names), tuple(k[0] for k in self.vocab.keys), templates,
+                             self.data_opts, self.device)
         method = self.method_cls(self.clip, text.to(self.device), self.method_opts, context)
         return method.to(self.device)
 
@@ -242,10 +244,9 @@ class Trainer:
             # Buffers change only between steps, identically on every rank: nothing to broadcast per batch.
             model = torch.nn.parallel.DistributedDataParallel(self.method, find_unused_parameters=True,
                                                               broadcast_buffers=False)
-        opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
-        warmup = min(cfg.warmup, max(0, total // 4))
-        sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda i: (i + 1) / warmup if i < warmup else
-                                                  0.5 * (1 + math.cos(math.pi * (i - warmup) / max(1, total - warmup))))
+        opt = torch.optim.AdamW(params, lr=self.method.learning_rate(data, cfg.lr), weight_decay=cfg.weight_decay)
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, partial(lr_factor, total=total,
+                                                               warmup=effective_warmup(cfg.warmup, total)))
         autocast, scaler = self._precision()
         gen = torch.Generator().manual_seed(seed)
         task = f"train{t}"
@@ -371,6 +372,20 @@ class Trainer:
             return 0.0
         logits = self.method.logits(feats, vocab)
         return float((vocab[logits.argmax(dim=1)] == targets).sum())
+
+
+def effective_warmup(warmup: int | None, total: int) -> int:
+    """Warm-up iterations of a step of `total`: a given --warmup as given (the papers' recipes, e.g.
+    MoE-Adapters' 30 or 100), else DEFAULT_WARMUP capped at a quarter of the step, so that a short
+    step still spends most of its iterations near the peak rate."""
+    return warmup if warmup is not None else min(DEFAULT_WARMUP, max(0, total // 4))
+
+
+def lr_factor(i: int, total: int, warmup: int) -> float:
+    """The learning-rate multiplier at iteration i: linear warm-up, then a cosine to zero."""
+    if i < warmup:
+        return (i + 1) / warmup
+    return 0.5 * (1 + math.cos(math.pi * (i - warmup) / max(1, total - warmup)))
 
 
 def train(cfg: TrainConfig, progress=None, on_step=None) -> MetricsRecord:

@@ -26,8 +26,10 @@ Called by the engine:
     begin_step(t, data)        structural set-up for step t (new routers, ...); must be cheap and
                                deterministic, because a resumed run replays it for finished steps
     forward(batch, data)       the training loss of one batch (a scalar tensor)
+    learning_rate(data, lr)    the peak learning rate of step `data` given the run's --lr (default: lr)
     end_step(t, data)          after training step t (freeze experts, fit statistics, fuse, ...)
-    encode(batch)              L2-normalised image features used for classification
+    encode(batch)              L2-normalised image features used for classification (a method may
+                               append columns that only its own `logits` reads)
     logits(features, classes)  scores over global class indices (default: 100 * f . t_c)
     statistics()               per-step figures the run records (JSON-serialisable)
 
@@ -85,6 +87,7 @@ class RunContext:
 
     pool: object = None  # attrpool.match.PoolAttributes of `--pool`, or None
     class_names: tuple[str, ...] = ()  # every class of the scenario, in global class order
+    class_datasets: tuple[str, ...] = ()  # the dataset of each class, in the same order
     templates: tuple[str, ...] = ()  # the prompt templates the class text embeddings were made with
     data: DataOptions | None = None  # --data-root, --download, synthetic sizes
     device: torch.device | None = None
@@ -195,6 +198,9 @@ class ContinualMethod(nn.Module):
             self.__dict__["_position_table"] = cached
         return cached[1][targets]
 
+    def learning_rate(self, data: StepData, lr: float) -> float:
+        return lr
+
     def end_step(self, t: int, data: StepData) -> None:
         pass
 
@@ -208,12 +214,9 @@ class ContinualMethod(nn.Module):
     def trainable_state(self) -> dict[str, torch.Tensor]:
         """Every tensor the method owns (parameters and buffers). The backbone is not a submodule
         of the method, so its frozen weights never enter a checkpoint."""
-        state = {}
-        for name, tensor in list(self.named_parameters()) + list(self.named_buffers()):
-            if name == "text":  # derived from the backbone and the scenario
-                continue
-            state[name] = tensor.detach().cpu().contiguous().clone()
-        return state
+        # Non-persistent buffers (the class texts `text`, tokenised prompts) derive from the backbone
+        # and the scenario: the state dict leaves them out.
+        return {name: tensor.detach().cpu().contiguous().clone() for name, tensor in self.state_dict().items()}
 
     def load_trainable_state(self, state: dict[str, torch.Tensor]) -> None:
         own = self.trainable_state()
@@ -221,7 +224,7 @@ class ContinualMethod(nn.Module):
         if missing or unexpected:
             raise UserError(f"checkpoint does not fit method {self.name} (missing {sorted(missing)[:3]}, "
                             f"unexpected {sorted(unexpected)[:3]}); start a new --out directory")
-        tensors = dict(self.named_parameters()) | dict(self.named_buffers())
+        tensors = dict(self.named_parameters(remove_duplicate=False)) | dict(self.named_buffers(remove_duplicate=False))
         with torch.no_grad():
             for name, value in state.items():
                 tensors[name].copy_(value.to(tensors[name].device, tensors[name].dtype))

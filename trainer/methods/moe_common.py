@@ -27,6 +27,33 @@ def summed_over_ranks(t: torch.Tensor) -> torch.Tensor:
     return t
 
 
+FREEZE_RULES = ("trainable", "all")
+
+
+def freeze_most_used(adapters: Adapters, usage: torch.Tensor, n: int, top_k: int, rule: str) -> list[list[int]]:
+    """After a step, freeze experts of each block by this step's training usage [L, E].
+
+    rule "trainable" (ours): the n most used of the still trainable experts, keeping at least top_k
+    trainable, so every step freezes n new ones while it can. rule "all" (the original's): the n
+    most used of all experts, a frozen one included (then fewer are newly frozen), with no floor
+    on what stays trainable. Returns the newly frozen experts per block."""
+    adapters.restore_frozen()
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.all_reduce(usage)  # every rank freezes the same experts
+    frozen = adapters.frozen()
+    if rule == "all":
+        n = min(n, adapters.num_experts)
+        picked = usage.topk(n, dim=1).indices if n > 0 else usage.new_zeros(len(frozen), 0, dtype=torch.long)
+    else:
+        n = min(n, int((~frozen).sum(1).min()) - top_k)
+        if n <= 0:
+            return [[] for _ in range(len(frozen))]
+        picked = usage.masked_fill(frozen, -1.0).topk(n, dim=1).indices
+    mask = torch.zeros_like(frozen).scatter_(1, picked, True)
+    adapters.freeze(mask)
+    return [[e for e in row if not was[e]] for row, was in zip(picked.tolist(), frozen.tolist())]
+
+
 class FrozenFeatures:
     """L2-normalised frozen CLIP image features of a batch: from the on-disk cache of its source
     (computed once per dataset split, then a gather), or, for sources that cannot be cached, by
@@ -63,6 +90,9 @@ class MoEMethod(ContinualMethod):
         top_k: int = opt(2, "experts each image is routed to, per block (at most num_experts)", minimum=1)
         lb_weight: float = opt(0.01, "weight of the load-balancing loss", minimum=0)
         freeze_top: int = opt(2, "most-used trainable experts per block frozen after each step", minimum=0)
+        freeze_rule: str = opt("trainable", "which experts freeze_top picks from: the still trainable ones, keeping "
+                                            "top_k trainable (trainable), or all of them, a frozen one re-picked "
+                                            "(all: the original's)", choices=FREEZE_RULES)
         adapter_rank: int = opt(64, "bottleneck width r of each expert", minimum=1)
         adapter_scale: float = opt(0.1, "scale s of the expert output added to the block's")
         adapter_dropout: float = opt(0.0, "dropout inside the experts", fraction=True)
@@ -104,19 +134,11 @@ class MoEMethod(ContinualMethod):
         self.adapters.hold_frozen()  # after a resumed run loads its checkpoint, snapshot the frozen experts
 
     def _end_experts(self) -> list[list[int]]:
-        """Freeze the `freeze_top` most-used of the still trainable experts of each block, keeping at
-        least top_k trainable. Returns the newly frozen experts per block."""
-        self.adapters.restore_frozen()
-        if torch.distributed.is_available() and torch.distributed.is_initialized():
-            torch.distributed.all_reduce(self.usage)  # every rank freezes the same experts
-        frozen = self.adapters.frozen()
+        """Freeze the `freeze_top` most-used experts of each block (`freeze_rule`). Returns the newly
+        frozen experts per block."""
         self.eval_usage.zero_()
-        n = min(self.opts.freeze_top, int((~frozen).sum(1).min()) - self.top_k)
-        if n <= 0:
-            return [[] for _ in range(len(frozen))]
-        picked = self.usage.masked_fill(frozen, -1.0).topk(n, dim=1).indices
-        self.adapters.freeze(torch.zeros_like(frozen).scatter_(1, picked, True))
-        return picked.tolist()
+        return freeze_most_used(self.adapters, self.usage, self.opts.freeze_top, self.top_k,
+                                getattr(self.opts, "freeze_rule", "trainable"))
 
     def _route(self, batch: Batch, ctx: RoutingContext) -> torch.Tensor:
         """Normalised image features with the adapters routed by `ctx`; usage recorded."""

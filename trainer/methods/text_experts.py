@@ -1,0 +1,100 @@
+"""Experts in the text tower, as the original MoE-Adapters builds them (Yu et al., CVPR 2024).
+
+Every text block gets E experts and, per task, a router (W_g, W_noise), zero-initialised like the
+image side's. Class prototypes are no longer fixed: they are the class prompts encoded through the
+adapted text tower, with grad once per training batch (the original re-encodes the prompts in
+every forward), and once per router per evaluation otherwise, cached until the method trains
+again. The router of a prototype set is a task's (the one DDAS picks for an image, or the current
+one), or None: the adapters off, i.e. the original CLIP's text embeddings.
+
+Prompts: each class has a list of templates (the `templates` option, or its dataset's own with
+`dataset_templates`, data/prompt_templates.py). Training encodes the first, evaluation averages
+them all, as the original's MTIL code does (`dataset.template` vs `dataset.templates`).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..adapters import Adapters, RoutingContext, expert_usage, noisy_logits
+from .moe_common import freeze_most_used
+
+
+class TextExperts(nn.Module):
+    def __init__(self, clip, prompts: list[list[str]], opts):
+        super().__init__()
+        self.clip, self.opts = clip, opts
+        self.adapters = Adapters(clip.model, num_experts=opts.num_experts, rank=opts.adapter_rank,
+                                 scale=opts.adapter_scale, dropout=opts.adapter_dropout, tower="text")
+        self.w_gate = nn.ParameterList()
+        self.w_noise = nn.ParameterList()
+        width = max(len(p) for p in prompts)
+        # Tokens of template j of every class [C, T, L]; a class with fewer templates repeats its
+        # last one in the padding slots, which `weights` then leaves out of the mean.
+        padded = [p + [p[-1]] * (width - len(p)) for p in prompts]
+        tokens = torch.stack([clip.tokenizer(col) for col in zip(*padded)], dim=1)
+        self.register_buffer("tokens", tokens.to(clip.device), persistent=False)
+        weights = torch.tensor([[1.0 / len(p)] * len(p) + [0.0] * (width - len(p)) for p in prompts])
+        self.register_buffer("weights", weights.to(clip.device), persistent=False)
+        self.usage = torch.zeros(self.adapters.num_layers, opts.num_experts, device=clip.device)
+        self._cache: dict[int | None, torch.Tensor] = {}
+
+    @property
+    def num_layers(self) -> int:
+        return self.adapters.num_layers
+
+    # -- per step -------------------------------------------------------------------------------
+    def begin_step(self, routers: int, current: int) -> None:
+        """Make `routers` router pairs (zero-initialised), of which only `current` trains."""
+        shape = (self.adapters.num_layers, self.adapters.width, self.opts.num_experts)
+        device = self.tokens.device
+        while len(self.w_gate) < routers:
+            self.w_gate.append(nn.Parameter(torch.zeros(*shape, device=device)))
+            self.w_noise.append(nn.Parameter(torch.zeros(*shape, device=device)))
+        for i, (g, n) in enumerate(zip(self.w_gate, self.w_noise)):
+            g.requires_grad_(i == current)
+            n.requires_grad_(i == current)
+        self.usage = torch.zeros_like(self.usage)
+        self.adapters.hold_frozen()
+        self._cache.clear()
+
+    def end_step(self, top_k: int) -> list[list[int]]:
+        """Freeze the text experts as the image side freezes its own, by their training usage."""
+        self._cache.clear()
+        return freeze_most_used(self.adapters, self.usage, self.opts.freeze_top, top_k, self.opts.freeze_rule)
+
+    def train(self, mode: bool = True):
+        self._cache.clear()  # prototypes change as soon as the experts train
+        return super().train(mode)
+
+    # -- prototypes -----------------------------------------------------------------------------
+    def prototypes(self, router: int | None, classes: torch.Tensor, top_k: int) -> torch.Tensor:
+        """[len(classes), D] L2-normalised class prototypes through the text tower routed by
+        `router` (None: adapters off). In training: the first template, with grad, every call.
+        Otherwise: the mean over every template, computed once per router and cached."""
+        if self.training:
+            return self._encode(self.tokens[classes, 0], router, top_k)
+        if router not in self._cache:
+            with torch.no_grad():
+                c, t, n = self.tokens.shape
+                feats = self._encode(self.tokens.reshape(c * t, n), router, top_k).view(c, t, -1)
+                mean = (feats * self.weights[:, :, None].to(feats.dtype)).sum(1)
+                self._cache[router] = F.normalize(mean.float(), dim=-1)
+        return self._cache[router][classes]
+
+    def _encode(self, tokens: torch.Tensor, router: int | None, top_k: int) -> torch.Tensor:
+        ctx = None if router is None else RoutingContext(self._router(router), top_k)
+        with self.adapters.routing(ctx):
+            feats = self.clip.model.encode_text(tokens)
+        if ctx is not None and self.training:
+            self.usage = self.usage + expert_usage(ctx.gates, self.opts.num_experts).detach()
+        return F.normalize(feats.float(), dim=-1)
+
+    def _router(self, task: int):
+        def route(layer: int, first_token: torch.Tensor) -> torch.Tensor:
+            clean = first_token @ self.w_gate[task][layer].to(first_token.dtype)
+            noise = first_token @ self.w_noise[task][layer].to(first_token.dtype)
+            return noisy_logits(clean.float(), noise.float(), self.training)
+        return route
