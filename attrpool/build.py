@@ -16,9 +16,9 @@ from ..common import NullProgress, Progress
 from ..data.registry import NameSet
 from ..errors import UserError
 from ..prompts.templates import load_templates
-from .canonical import derive_attributes
-from .collect import AttributeRequest, Collector, RetryPolicy, plan_requests, usable_phrases
+from .collect import Collector, RetryPolicy, usable_phrases
 from .llm import ChatBackend, FatalLLMError, LLMSpec
+from .plan import AttributeRequest, derivation_settings, plan_fingerprint, plan_requests, planned_count
 from .store import CallRecord, PoolStore, partial_path
 
 log = logging.getLogger(__name__)
@@ -87,11 +87,29 @@ def _validate(cfg: BuildConfig) -> None:
         raise UserError(f"dataset {cfg.names.dataset} has no classes or domains to ask about")
 
 
+def _finished_rerun(cfg: BuildConfig, templates, fingerprint: str) -> BuildReport | None:
+    """The report of a rerun that has nothing to ask and nothing to derive, read from the finished
+    pool without planning a single request; None when there is work to do."""
+    if not cfg.pool.exists() or cfg.batch_file is not None:
+        return None
+    with PoolStore.open_for_read(cfg.pool) as store:
+        store.check_backbone(cfg.backbone.id, cfg.backbone.cli_options())
+        if not store.plan_is_done(fingerprint):
+            return None
+        planned = planned_count(cfg.names, templates)
+        return BuildReport(cfg.pool, planned=planned, reused=planned, stats=store.stats())
+
+
 def build_pool(cfg: BuildConfig, progress: Progress | None = None) -> BuildReport:
     progress = progress or NullProgress()
     _validate(cfg)
     templates = load_templates(cfg.templates)
     form = cfg.form or cfg.llm.default_form
+    fingerprint = plan_fingerprint(cfg.names, templates, cfg.per_class, form, cfg.llm.identity,
+                                   derivation_settings(cfg.dedupe_threshold, cfg.backbone.id))
+    finished = _finished_rerun(cfg, templates, fingerprint)
+    if finished is not None:
+        return finished
     requests = plan_requests(cfg.names, templates, cfg.per_class, form, cfg.llm.identity)
     if not requests:
         raise UserError(f"nothing to ask: dataset {cfg.names.dataset} has no sources for templates "
@@ -109,7 +127,7 @@ def build_pool(cfg: BuildConfig, progress: Progress | None = None) -> BuildRepor
         store.check_backbone(cfg.backbone.id, cfg.backbone.cli_options())
         store.set_meta("backbone_model", cfg.backbone.model)
         store.set_meta("backbone_pretrained", cfg.backbone.pretrained or "")
-        store.add_requests([r.row() for r in requests])
+        store.add_requests([r.row() for r in pending])  # answered ones are in the pool already
         if cfg.batch_file is not None:
             _add_sources(store, cfg.names)
             from .batchfile import write_batch_file
@@ -120,6 +138,8 @@ def build_pool(cfg: BuildConfig, progress: Progress | None = None) -> BuildRepor
         if pending:
             _collect(cfg, store, backend, pending, report, progress)
         _finish_derivation(store, cfg.backbone, cfg.dedupe_threshold, cfg.device, progress, report, cfg.names)
+        if not report.failed:  # a failed prompt is asked again by the next run: that one has work
+            store.mark_plan_done(fingerprint)
         outcome = "finish"
     finally:
         _close(store, cfg.pool, outcome, created=created)
@@ -185,6 +205,8 @@ def _finish_derivation(store: PoolStore, backbone: BackboneSpec, threshold: floa
         # New names join the pool only once they have answers: a run that fails before this point
         # leaves a finished pool's classes and domains (and so its stats and lists) as they were.
         _add_sources(store, names)
+    from .canonical import derive_attributes  # numpy and friends: not needed by a build with nothing to derive
+
     derived = derive_attributes(store, backbone, threshold, device=device, progress=progress)
     report.rebuilt = derived.rebuilt
     report.stats = store.stats()
@@ -221,23 +243,24 @@ def ingest_batch_results(pool: Path, results_path: Path, *, threshold: float | N
         if unknown:
             raise UserError(f"{len(unknown)} result(s) in {results_path.name} match no request of pool {pool.name} "
                             f"(e.g. custom_id {unknown[0][:16]}...); were they written for another pool?")
-        done = store.answered_keys(list(rows))
+        done = store.answered_keys(list(rows))  # grows with this file's answers: a repeated custom_id counts once
+        calls, failed = [], []
         for res in results:
             req = AttributeRequest.from_row(rows[res.custom_id])
             if req.key in done:
                 report.reused += 1
                 continue
             status = "error" if res.error else ("ok" if usable_phrases(res.text or "", req.source_name) else "unusable")
-            rec = CallRecord(req.key, "batch", None, req.model, req.template, req.form, req.prompt_hash, None, 0,
-                             status, res.error, res.text, None, res.prompt_tokens, res.completion_tokens)
+            calls.append(CallRecord(req.key, "batch", None, req.model, req.template, req.form, req.prompt_hash, None,
+                                    0, status, res.error, res.text, None, res.prompt_tokens, res.completion_tokens))
             if status == "ok":
-                store.answer_and_record(rec)
+                done.add(req.key)
                 report.answered += 1
             else:
-                store.record_call(rec)
-                store.set_request_status(req.key, "failed")
+                failed.append(req.key)
                 report.failed += 1
                 report.failed_sources[req.source_name] = report.failed_sources.get(req.source_name, 0) + 1
+        store.record_calls(calls, failed)
         model, pretrained = store.meta("backbone_model"), store.meta("backbone_pretrained")
         backbone = BackboneSpec(model, pretrained or None)
         if threshold is None:

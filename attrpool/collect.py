@@ -10,59 +10,20 @@ marked failed and reported by source.
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 import random
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 from ..common import NullProgress, Progress
-from ..data.registry import NameSet
-from ..prompts.templates import PromptTemplate, answer_schema, prompt_hash
+from ..prompts.templates import answer_schema
 from .llm import ChatBackend, FatalLLMError, LLMSpec, RejectedLLMError, TransientLLMError
 from .normalize import normalize_phrase, usable_phrase
 from .parse import parse_attributes
-from .store import CallRecord, PoolStore, dumps
+from .plan import AttributeRequest, plan_requests  # noqa: F401  (plan_requests: its home before plan.py)
+from .store import CallRecord, PoolStore
+from .writer import PoolWriter
 
 log = logging.getLogger(__name__)
-
-
-@dataclass(frozen=True)
-class AttributeRequest:
-    key: str
-    source_kind: str
-    source_name: str
-    template: str  # "name@vN"
-    form: str  # "chat" or "completion"
-    model: str
-    n: int
-    payload: dict  # {"messages": [...]} or {"prompt": "..."}
-
-    @property
-    def prompt_hash(self) -> str:
-        return prompt_hash(self.payload)
-
-    def row(self) -> tuple:
-        return (self.key, self.source_kind, self.source_name, self.template, self.form, self.model,
-                self.n, dumps(self.payload))
-
-    @classmethod
-    def from_row(cls, row: tuple) -> "AttributeRequest":
-        key, kind, name, template, form, model, n, payload = row
-        return cls(key, kind, name, template, form, model, n, json.loads(payload))
-
-
-def plan_requests(names: NameSet, templates: list[PromptTemplate], n: int, form: str,
-                  model: str) -> list[AttributeRequest]:
-    out = []
-    for t in templates:
-        sources = names.classes if t.kind == "class" else names.domains
-        for name in sources:
-            payload = ({"prompt": t.completion_prompt(name, names.context)} if form == "completion"
-                       else {"messages": t.chat_messages(name, n, names.context)})
-            key = prompt_hash({"model": model, "form": form, "n": n, "payload": payload})
-            out.append(AttributeRequest(key, t.kind, name, t.ref, form, model, n, payload))
-    return out
 
 
 def usable_phrases(text: str, source_name: str) -> list[str]:
@@ -103,12 +64,7 @@ class Collector:
         self.max_tokens = max_tokens
         self.progress = progress or NullProgress()
         self.result = CollectResult()
-        # Each recorded answer commits (~5 ms): done on one writer thread, the event loop keeps other
-        # requests moving meanwhile. One thread, because a DuckDB connection is not shared across threads.
-        self._writer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="pool-writer")
-
-    async def _write(self, fn, *args):
-        return await asyncio.get_running_loop().run_in_executor(self._writer, fn, *args)
+        self._writer: PoolWriter | None = None
 
     def _budget_left(self) -> bool:
         return self.max_requests is None or self.result.http_requests < self.max_requests
@@ -118,7 +74,9 @@ class Collector:
         for r in requests:
             queue.put_nowait(r)
         self.progress.start("requests", "asking the LLM", len(requests))
-        workers = [asyncio.create_task(self._worker(queue)) for _ in range(min(self.concurrency, len(requests)))]
+        self._writer = PoolWriter(self.store)
+        self._writer.writers = min(self.concurrency, len(requests))
+        workers = [asyncio.create_task(self._worker(queue)) for _ in range(self._writer.writers)]
         try:
             await asyncio.gather(*workers)
         except BaseException:
@@ -127,7 +85,7 @@ class Collector:
             await asyncio.gather(*workers, return_exceptions=True)
             raise
         finally:
-            self._writer.shutdown(wait=True)
+            self._writer.close()  # commits what is queued: an interrupted build keeps every answer it got
             self.progress.stop("requests")
         return self.result
 
@@ -143,6 +101,7 @@ class Collector:
             else:
                 self.result.unasked += 1
             self.progress.advance("requests")
+        self._writer.writers -= 1
 
     def _record(self, req: AttributeRequest, attempt: int, status: str, **kw) -> CallRecord:
         backend = self.spec.backend
@@ -162,13 +121,13 @@ class Collector:
                     schema=answer_schema(req.n), max_tokens=self.max_tokens,
                     temperature=0.8 if unusable else 0.0, seed=unusable)
             except TransientLLMError as exc:
-                await self._write(self.store.record_call, self._record(req, attempt, "error", error=str(exc)[:500]))
+                await self._writer.record(self._record(req, attempt, "error", error=str(exc)[:500]))
                 connection_only &= exc.connection
                 if attempt + 1 < self.retry.attempts:
                     await asyncio.sleep(self.retry.delay(attempt, exc.retry_after))
                 continue
             except RejectedLLMError as exc:
-                await self._write(self.store.record_call, self._record(req, attempt, "error", error=str(exc)[:500]))
+                await self._writer.record(self._record(req, attempt, "error", error=str(exc)[:500]))
                 connection_only = False
                 break
             connection_only = False
@@ -176,14 +135,14 @@ class Collector:
                                latency_s=c.latency_s, prompt_tokens=c.prompt_tokens,
                                completion_tokens=c.completion_tokens)
             if usable_phrases(c.text, req.source_name):
-                await self._write(self.store.answer_and_record, rec)
+                await self._writer.record(rec)
                 return "answered"
             rec.status = "unusable"
             unusable += 1
-            await self._write(self.store.record_call, rec)
+            await self._writer.record(rec)
             log.info("no usable attribute in the answer for %s (%s), attempt %d", req.source_name, req.template, attempt + 1)
         if connection_only:
             raise FatalLLMError(f"cannot reach the LLM server at {self.spec.base_url} after "
                                 f"{self.retry.attempts} tries; start it or check --llm-url")
-        await self._write(self.store.set_request_status, req.key, "failed")
+        await self._writer.record(failed=req.key)
         return "failed"

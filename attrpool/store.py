@@ -1,20 +1,30 @@
 """The pool file: one DuckDB database holding names, every LLM call, attributes, provenance and the
 serialised FAISS index.
 
-The call log is written as answers arrive (each insert commits), so a crash loses no paid answer;
-the derived tables (attributes, provenance, index) are replaced in one transaction, so a reader
-never sees half of them. A pool that has never been completed lives at `<pool>.partial` and is
-renamed into place when its first build finishes.
+The call log is written as answers arrive (each batch of them commits), so a crash loses no
+recorded answer; the derived tables (attributes, provenance, index) are replaced in one
+transaction, so a reader never sees half of them. A pool that has never been completed lives at
+`<pool>.partial` and is renamed into place when its first build finishes.
+
+Every batch goes in as one relation (numpy columns scanned by DuckDB), never row by row: DuckDB
+runs an `executemany` as one statement per row, several milliseconds each.
 """
 
 from __future__ import annotations
 
 import json
 import os
-from dataclasses import dataclass
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, fields
+from operator import attrgetter
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import duckdb
+
+if TYPE_CHECKING:  # imported where used: a finished rerun reads the pool without numpy
+    import numpy as np
 
 from ..errors import UserError
 
@@ -45,6 +55,15 @@ def partial_path(pool: Path) -> Path:
     return pool.with_name(pool.name + ".partial")
 
 
+def _column(values: Sequence) -> np.ndarray:
+    """A column DuckDB scans as it is: an object array keeps None as NULL and arrays as lists."""
+    import numpy as np
+
+    out = np.empty(len(values), dtype=object)
+    out[:] = list(values)
+    return out
+
+
 @dataclass
 class CallRecord:
     request_key: str
@@ -64,6 +83,10 @@ class CallRecord:
     completion_tokens: int | None = None
 
 
+_CALL_COLUMNS = [f.name for f in fields(CallRecord)]
+_call_values = attrgetter(*_CALL_COLUMNS)
+
+
 class PoolStore:
     """A pool's connection and every query on it. Closes on leaving a `with` block."""
 
@@ -72,6 +95,7 @@ class PoolStore:
         self.path = path
         self.read_only = read_only
         self._closed = False
+        self._next_call_id: int | None = None
 
     def __enter__(self) -> "PoolStore":
         return self
@@ -166,61 +190,123 @@ class PoolStore:
             raise UserError(f"pool {self.path.name} was built with backbone {recorded}, not {backbone_id}; "
                             f"use that backbone or another --pool (asked for: {cli_options})")
 
+    # -- finished plans --------------------------------------------------------------------------
+    def _state(self) -> str:
+        """Changes whenever a call is logged or the attributes are derived again."""
+        calls = self.con.execute("SELECT count(*) FROM llm_calls").fetchall()[0][0]
+        return f"{self.meta('derived_fingerprint')}:{calls}"
+
+    def mark_plan_done(self, fingerprint: str) -> None:
+        """Every request of this plan is answered and the attributes derived from the pool as it is now."""
+        self.set_meta(f"plan:{fingerprint}", self._state())
+
+    def plan_is_done(self, fingerprint: str) -> bool:
+        """Whether a build of this plan would find nothing to ask and nothing to derive."""
+        return self.meta(f"plan:{fingerprint}") == self._state()
+
+    # -- bulk relations --------------------------------------------------------------------------
+    @contextmanager
+    def _relation(self, columns: dict[str, Sequence]) -> Iterator[str]:
+        """The columns as one relation that SQL reads by the yielded name."""
+        name = "_uniil_batch"
+        self.con.complete()  # registering needs the previous statement's result finished
+        self.con.register(name, {k: _column(v) for k, v in columns.items()})
+        try:
+            yield name
+        finally:
+            self.con.unregister(name)
+
+    @contextmanager
+    def single_threaded(self) -> Iterator[None]:
+        """For a stream of tiny statements: waking DuckDB's worker threads for each costs more CPU
+        (~1.3 ms a commit of 16 calls, measured) than the statement itself."""
+        self.con.execute("SET threads = 1")
+        try:
+            yield
+        finally:
+            self.con.execute("RESET threads")
+
+    @contextmanager
+    def _transaction(self) -> Iterator[None]:
+        """BEGIN ... COMMIT, or ROLLBACK on any exception (Ctrl-C included)."""
+        self.con.execute("BEGIN TRANSACTION")
+        try:
+            yield
+        except BaseException:
+            self.con.execute("ROLLBACK")
+            raise
+        self.con.execute("COMMIT")
+
     # -- sources and requests ----------------------------------------------------------------------
     def add_sources(self, dataset: str, kind: str, names: tuple[str, ...]) -> None:
-        rows = [(kind, n, dataset, i) for i, n in enumerate(names)]
-        if rows:
-            self.con.executemany("INSERT OR IGNORE INTO sources VALUES (?, ?, ?, ?)", rows)
+        if names:
+            with self._relation({"name": names, "position": range(len(names))}) as rel:
+                self.con.execute(f"INSERT OR IGNORE INTO sources SELECT ?, name, ?, position FROM {rel}", [kind, dataset])
 
     def add_requests(self, rows: list[tuple]) -> None:
         """rows: (key, source_kind, source_name, template, form, model, n, payload_json)."""
+        rows = list({r[0]: r for r in rows}.values())  # a key twice in one statement would conflict with itself
         if rows:
-            self.con.executemany(
-                "INSERT OR IGNORE INTO requests VALUES (?, ?, ?, ?, ?, ?, ?, ?, 'pending', NULL)", rows)
+            names = ["key", "source_kind", "source_name", "template", "form", "model", "n", "payload"]
+            with self._relation(dict(zip(names, zip(*rows)))) as rel:
+                self.con.execute(f"INSERT OR IGNORE INTO requests SELECT {', '.join(names)}, 'pending', NULL FROM {rel}")
 
     def answered_keys(self, keys: list[str]) -> set[str]:
         if not keys:
             return set()
-        found = self.con.execute(
-            "SELECT key FROM requests WHERE status = 'answered' AND key IN (SELECT unnest(?))", [keys]).fetchall()
+        with self._relation({"key": keys}) as rel:
+            found = self.con.execute(f"SELECT key FROM requests WHERE status = 'answered' AND key IN "
+                                     f"(SELECT key FROM {rel})").fetchall()
         return {k for (k,) in found}
 
     def request_rows(self, keys: list[str]) -> dict[str, tuple]:
-        rows = self.con.execute(
-            "SELECT key, source_kind, source_name, template, form, model, n, payload FROM requests "
-            "WHERE key IN (SELECT unnest(?))", [keys]).fetchall()
+        if not keys:
+            return {}
+        with self._relation({"key": keys}) as rel:
+            rows = self.con.execute(
+                f"SELECT key, source_kind, source_name, template, form, model, n, payload FROM requests "
+                f"WHERE key IN (SELECT key FROM {rel})").fetchall()
         return {r[0]: r for r in rows}
 
     def count_requests(self, status: str) -> int:
         """Requests in one status: "pending", "answered" or "failed"."""
         return self.con.execute("SELECT count(*) FROM requests WHERE status = ?", [status]).fetchone()[0]
 
-    def set_request_status(self, key: str, status: str, call_id: int | None = None) -> None:
-        self.con.execute("UPDATE requests SET status = ?, answer_call = ? WHERE key = ?", [status, call_id, key])
-
     # -- LLM calls ---------------------------------------------------------------------------------
-    def record_call(self, rec: CallRecord) -> int:
-        (call_id,) = self.con.execute("SELECT nextval('call_ids')").fetchone()
-        self.con.execute(
-            "INSERT INTO llm_calls (id, request_key, backend, base_url, model, template, form, prompt_hash, "
-            "structured, attempt, status, error, response, latency_s, prompt_tokens, completion_tokens) "
-            "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-            [call_id, rec.request_key, rec.backend, rec.base_url, rec.model, rec.template, rec.form,
-             rec.prompt_hash, rec.structured, rec.attempt, rec.status, rec.error, rec.response,
-             rec.latency_s, rec.prompt_tokens, rec.completion_tokens])
-        return call_id
+    def record_calls(self, calls: Sequence[CallRecord], failed: Sequence[str] = ()) -> list[int]:
+        """Append calls to the log and settle their requests, in one transaction: an "ok" call
+        answers its request; the requests of `failed` keys are marked failed. Returns the calls' ids.
 
-    def answer_and_record(self, rec: CallRecord) -> int:
-        """Record a usable answer and mark its request answered, atomically."""
-        self.con.execute("BEGIN TRANSACTION")
-        try:
-            call_id = self.record_call(rec)
-            self.set_request_status(rec.request_key, "answered", call_id)
-            self.con.execute("COMMIT")
-        except BaseException:
-            self.con.execute("ROLLBACK")
-            raise
-        return call_id
+        A DuckDB statement costs ~0.5 ms however few rows it moves, so a batch is four: begin, one
+        insert, one update, commit."""
+        if not calls and not failed:
+            return []
+        ids = self._take_call_ids(len(calls))
+        # Each request's settlement is one row of the same relation: "answered" with its call, or "failed".
+        settle = {k: None for k in failed}
+        settle.update({c.request_key: i for c, i in zip(calls, ids) if c.status == "ok"})
+        rows = max(len(calls), len(settle))
+        pad = lambda col: list(col) + [None] * (rows - len(col))  # noqa: E731
+        columns = {name: pad(col) for name, col in zip(_CALL_COLUMNS, zip(*map(_call_values, calls)))} if calls else {}
+        columns |= {"id": pad(ids), "settle_key": pad(settle), "settle_call": pad(settle.values())}
+        with self._transaction(), self._relation(columns) as rel:
+            if calls:
+                names = ", ".join(["id", *_CALL_COLUMNS])
+                self.con.execute(f"INSERT INTO llm_calls ({names}) SELECT {names} FROM {rel} WHERE id IS NOT NULL")
+            if settle:
+                self.con.execute(
+                    f"UPDATE requests SET status = CASE WHEN b.settle_call IS NULL THEN 'failed' ELSE 'answered' END, "
+                    f"answer_call = b.settle_call::BIGINT FROM {rel} b WHERE requests.key = b.settle_key")
+        return ids
+
+    def _take_call_ids(self, n: int) -> list[int]:
+        """The next n call ids. This connection is the pool's only writer (DuckDB locks the file), so
+        ids are counted here rather than drawn from a sequence: one statement less per batch."""
+        if self._next_call_id is None:
+            self._next_call_id = self.con.execute("SELECT coalesce(max(id), 0) + 1 FROM llm_calls").fetchall()[0][0]
+        first = self._next_call_id
+        self._next_call_id += n
+        return list(range(first, first + n))
 
     def has_paid_answers(self) -> bool:
         """Whether any call brought an answer: a failed first build keeps its file only then."""
@@ -241,41 +327,47 @@ class PoolStore:
             "JOIN llm_calls c ON c.id = r.answer_call WHERE r.status = 'answered' ORDER BY c.id").fetchall()
 
     # -- derived tables ------------------------------------------------------------------------------
-    def cached_phrase_vectors(self, embedder: str, texts: list[str]) -> dict[str, list[float]]:
+    def cached_phrase_vectors(self, embedder: str, texts: list[str]) -> dict[str, np.ndarray]:
         if not texts:
             return {}
-        rows = self.con.execute("SELECT text, vec FROM phrase_vectors WHERE embedder = ? AND text IN "
-                                "(SELECT unnest(?))", [embedder, texts]).fetchall()
-        return dict(rows)
+        with self._relation({"text": texts}) as rel:
+            found = self.con.execute(f"SELECT text, vec FROM phrase_vectors WHERE embedder = ? AND text IN "
+                                     f"(SELECT text FROM {rel})", [embedder]).fetchnumpy()
+        return dict(zip(found["text"].tolist(), found["vec"]))
 
-    def store_phrase_vectors(self, embedder: str, texts: list[str], vectors) -> None:
+    def store_phrase_vectors(self, embedder: str, texts: list[str], vectors: np.ndarray) -> None:
+        import numpy as np
+
         if texts:
-            self.con.execute("INSERT OR IGNORE INTO phrase_vectors SELECT ?, unnest(?), unnest(?)",
-                             [embedder, texts, [v.tolist() for v in vectors]])
+            with self._relation({"text": texts, "vec": list(np.asarray(vectors, dtype=np.float32))}) as rel:
+                self.con.execute(f"INSERT OR IGNORE INTO phrase_vectors SELECT ?, text, vec FROM {rel}", [embedder])
 
     def replace_attributes(self, dim: int, attributes: list[tuple[int, str, str]], embeddings,
                            provenance: list[tuple], index_blob: bytes, index_desc: str, meta: dict[str, str]) -> None:
         """Swap in a new attribute set, its provenance and index in one transaction."""
-        self.con.execute("BEGIN TRANSACTION")
-        try:
+        import numpy as np
+
+        with self._transaction():
             self.con.execute("DROP TABLE IF EXISTS attributes")
             self.con.execute(f"CREATE TABLE attributes (id INTEGER PRIMARY KEY, kind VARCHAR, text VARCHAR, "
                              f"embedding FLOAT[{dim}])")
             if attributes:
-                ids, kinds, texts = (list(c) for c in zip(*attributes))
-                self.con.execute("INSERT INTO attributes SELECT unnest(?), unnest(?), unnest(?), unnest(?)",
-                                 [ids, kinds, texts, embeddings.tolist()])
+                ids, kinds, texts = zip(*attributes)
+                columns = {"id": ids, "kind": kinds, "text": texts,
+                           "embedding": list(np.asarray(embeddings, dtype=np.float32))}
+                with self._relation(columns) as rel:
+                    self.con.execute(f"INSERT INTO attributes SELECT id, kind, text, embedding FROM {rel}")
             self.con.execute("DELETE FROM provenance")
             if provenance:
-                self.con.executemany("INSERT INTO provenance VALUES (?, ?, ?, ?, ?, ?)", provenance)
+                names = ["attribute_id", "source_kind", "source_name", "template", "raw_phrase", "call_id"]
+                if any(len(row) != len(names) for row in provenance):
+                    raise ValueError(f"a provenance row has {len(names)} fields: {', '.join(names)}")
+                with self._relation(dict(zip(names, zip(*provenance)))) as rel:
+                    self.con.execute(f"INSERT INTO provenance SELECT {', '.join(names)} FROM {rel}")
             self.con.execute("INSERT OR REPLACE INTO faiss_index VALUES ('attributes', ?, ?, ?)",
                              [len(attributes), index_desc, index_blob])
             for k, v in meta.items():
                 self.set_meta(k, v)
-            self.con.execute("COMMIT")
-        except BaseException:
-            self.con.execute("ROLLBACK")
-            raise
 
     def has_attributes(self) -> bool:
         return bool(self.con.execute(

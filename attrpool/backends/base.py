@@ -91,7 +91,7 @@ class LLMBackend(ABC):
         return key
 
     def transport(self) -> httpx2.AsyncBaseTransport | None:
-        """What carries the requests; None: the openai client's own HTTP. Closed with the client."""
+        """What carries the requests; None: the openai SDK's default HTTP transport. Closed with the client."""
         return None
 
     @classmethod
