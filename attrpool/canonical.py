@@ -19,11 +19,16 @@ from ..errors import UserError
 from ..prompts.templates import prompt_hash
 from .dedupe import EMBEDDER_ID, merge_near_duplicates
 from .index import build_index, serialize_index
-from .normalize import NORMALIZER_VERSION, normalize_phrase, usable_phrase
+from .normalize import normalize_phrase, usable_phrase
 from .parse import parse_attributes
+from .plan import derivation_settings
 from .store import PoolStore
 
 log = logging.getLogger(__name__)
+
+# The template of a call that holds a descriptor file's phrases rather than an LLM's answer
+# (importer.py): "import:<file name>".
+IMPORT_TEMPLATE_PREFIX = "import:"
 
 
 @dataclass
@@ -34,8 +39,7 @@ class DeriveResult:
 
 
 def derive_fingerprint(call_ids: list[int], threshold: float, backbone_id: str) -> str:
-    return prompt_hash({"calls": call_ids, "threshold": threshold, "backbone": backbone_id,
-                        "normalizer": NORMALIZER_VERSION, "embedder": EMBEDDER_ID})
+    return prompt_hash({"calls": call_ids, **derivation_settings(threshold, backbone_id)})
 
 
 def _phrase_vectors(store: PoolStore, kind: str, texts: list[str], progress: Progress, embedder_factory) -> np.ndarray:
@@ -67,9 +71,10 @@ def derive_attributes(store: PoolStore, backbone: BackboneSpec, threshold: float
     # occurrences: (kind, normalized, raw, source_kind, source_name, template, call_id)
     occurrences = []
     for call_id, source_kind, source_name, template, response in calls:
+        authored = template.startswith(IMPORT_TEMPLATE_PREFIX)
         for raw in parse_attributes(response):
             norm = normalize_phrase(raw)
-            if usable_phrase(norm, source_name):
+            if usable_phrase(norm, source_name, authored=authored):
                 occurrences.append((source_kind, norm, raw.strip(), source_kind, source_name, template, call_id))
     if not occurrences:
         raise UserError("no usable attribute in any answer; try a larger model (--llm-url/--llm openai:MODEL)")
@@ -85,7 +90,7 @@ def derive_attributes(store: PoolStore, backbone: BackboneSpec, threshold: float
             continue
         texts = sorted(counts, key=lambda t: (-counts[t], len(t), t))  # priority order
         vectors = _phrase_vectors(store, kind, texts, progress, embedder_factory)
-        leader = merge_near_duplicates(vectors, np.arange(len(texts)), threshold)
+        leader = merge_near_duplicates(vectors, np.arange(len(texts)), threshold, texts)
         for i, t in enumerate(texts):
             lead = texts[leader[i]]
             if (kind, lead) not in canonical_of:

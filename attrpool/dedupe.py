@@ -5,6 +5,20 @@ are cached in the pool, so a phrase is embedded once per pool. Merging is greedy
 clustering in priority order (most frequent phrase first): a phrase joins the best earlier leader
 within the threshold, else it leads. Unlike union-find it cannot chain a ~ b ~ c into one group
 when a and c are far apart.
+
+Contrast guard: sentence-embedding similarity is nearly blind to the small words that flip what a
+phrase says. Measured with MiniLM: "four lines of mirror symmetry" / "one line of mirror symmetry"
+0.92, "sharp corner at the top left" / "... top right" 0.99, "straight strokes only" / "no
+straight strokes" 0.94, "thick black lines" / "thin black lines" 0.96, "closed loop" / "open loop"
+0.93. Merged, they give classes false attributes (a square gets "one line of mirror symmetry").
+So, given the phrases' texts, a phrase joins a leader only if both have the same contrast
+signature: the set of their contrast words (`CONTRAST_WORDS`: numbers, directions and positions,
+negation, quantity and degree, opposite pairs of size, shade and form), each spelled canonically
+so that synonyms still merge ("4" = "four", "single" = "one", "pair" = "two", "without" = "no",
+"upper" = "top", "big" = "large", "hind" = "back"). Equality is an equivalence and every member
+of a group has its leader's signature, so no chain through a third phrase can put two
+contrasting phrases in one group either. Phrases with different signatures never merge, even at
+cosine 1; plain paraphrases ("long curved beak" / "curved long beak") still do.
 """
 
 from __future__ import annotations
@@ -12,16 +26,82 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
+from collections.abc import Sequence
 from pathlib import Path
-
-import numpy as np
+from typing import TYPE_CHECKING
 
 from ..errors import UserError
+
+if TYPE_CHECKING:  # numpy is imported where it is used: EMBEDDER_ID is read by a finished rerun, which needs no numpy
+    import numpy as np
 
 log = logging.getLogger(__name__)
 
 EMBEDDER_ID = "all-MiniLM-L6-v2"
 NEIGHBOURS = 16
+
+# Changes whenever the merge rule does (2: the contrast guard), so that a pool's derivation
+# fingerprint can tell merges made under an older rule.
+MERGE_RULE_VERSION = 2
+
+
+def _contrast_words() -> dict[str, str]:
+    """word -> its canonical spelling, for the words whose difference similarity does not see."""
+    groups = {
+        # numbers (digits are canonicalised in contrast_signature), multiples and ordinals
+        "0": "zero", "1": "one single sole lone once", "2": "two double twice pair pairs twin twins both dual",
+        "3": "three triple thrice triplet", "4": "four quadruple", "5": "five", "6": "six", "7": "seven",
+        "8": "eight", "9": "nine", "10": "ten", "11": "eleven", "12": "twelve dozen", "20": "twenty",
+        "100": "hundred", "1st": "first", "2nd": "second", "3rd": "third", "4th": "fourth", "5th": "fifth",
+        "half": "half halves", "quarter": "quarter quarters",
+        # directions and positions
+        "left": "left leftmost leftward", "right": "right rightmost rightward",
+        "top": "top tops upper uppermost topmost", "bottom": "bottom bottoms lower lowermost bottommost",
+        "up": "up upward upwards", "down": "down downward downwards", "above": "above atop",
+        "below": "below beneath underneath under", "front": "front fore frontal forward forwards",
+        "back": "back rear hind behind backward backwards", "inner": "inner inside interior inward inwards",
+        "outer": "outer outside exterior outward outwards", "center": "center centre central middle mid",
+        "horizontal": "horizontal horizontally", "vertical": "vertical vertically upright",
+        "diagonal": "diagonal diagonals diagonally", "clockwise": "clockwise",
+        "anticlockwise": "anticlockwise counterclockwise",
+        # negation; quantity and degree
+        "no": "no not none never without nothing neither nor non cannot lacks lacking absent missing "
+              "doesnt isnt arent dont hasnt havent cant wont",
+        "only": "only solely exclusively", "all": "all every each everywhere", "some": "some", "few": "few",
+        "many": "many multiple several numerous lots", "more": "more", "less": "less fewer",
+        "most": "most mostly", "least": "least", "very": "very much", "slightly": "slightly somewhat barely",
+        "nearly": "nearly almost roughly approximately", "same": "same equal identical",
+        "different": "different unequal",
+        # opposite pairs of size, shade and form (comparatives and superlatives are their own words)
+        "large": "large big huge giant enormous massive", "small": "small little tiny", "long": "long",
+        "short": "short", "tall": "tall", "thick": "thick", "thin": "thin slim slender", "wide": "wide broad",
+        "narrow": "narrow", "larger": "larger bigger", "smaller": "smaller", "largest": "largest biggest",
+        "smallest": "smallest", "longer": "longer", "shorter": "shorter", "taller": "taller",
+        "wider": "wider broader", "narrower": "narrower", "thicker": "thicker", "thinner": "thinner",
+        "dark": "dark darker", "light": "light lighter pale paler", "open": "open", "closed": "closed shut",
+        "hollow": "hollow empty", "solid": "solid filled", "straight": "straight", "curved": "curved curving bent",
+    }
+    return {word: canonical for canonical, words in groups.items() for word in (canonical, *words.split())}
+
+
+CONTRAST_WORDS = _contrast_words()
+_TOKEN = re.compile(r"[a-z0-9]+(?:n't|'[a-z]+)?")
+
+
+def contrast_signature(text: str) -> frozenset[str]:
+    """The canonical contrast words of a phrase: two phrases may merge only if these are equal."""
+    out = set()
+    for token in _TOKEN.findall(text.lower().replace("\u2019", "'")):
+        if token.endswith("n't"):  # doesn't, isn't, can't
+            out.add("no")
+            continue
+        token = token.split("'", 1)[0]
+        if token.isdigit():
+            out.add(str(int(token)))  # "04" = "4" = "four"
+        elif token in CONTRAST_WORDS:
+            out.add(CONTRAST_WORDS[token])
+    return frozenset(out)
 
 
 class PhraseEmbedder:
@@ -59,6 +139,8 @@ class PhraseEmbedder:
         self.packed = _pack_linear_layers(self.model, torch)
 
     def encode(self, texts: list[str]) -> np.ndarray:
+        import numpy as np
+
         torch = self._torch
         out = np.zeros((len(texts), self.dim), np.float32)
         if not texts:
@@ -154,6 +236,7 @@ def neighbour_search(vectors: np.ndarray, k: int):
     subsample) finds them; measured on 100k phrases it cuts the merge from 44 s to 7-14 s.
     """
     import faiss
+    import numpy as np
 
     n, d = vectors.shape
     k = min(k, n)
@@ -169,12 +252,19 @@ def neighbour_search(vectors: np.ndarray, k: int):
     return index.search(vectors, k)
 
 
-def merge_near_duplicates(vectors: np.ndarray, priority: np.ndarray, threshold: float) -> np.ndarray:
+def merge_near_duplicates(vectors: np.ndarray, priority: np.ndarray, threshold: float,
+                          texts: Sequence[str] | None = None) -> np.ndarray:
     """leader[i] = index of the phrase that i merges into (i itself for leaders).
 
-    `priority`: lower sorts first (e.g. -count); ties keep input order.
+    `priority`: lower sorts first (e.g. -count); ties keep input order. `texts`: the phrases of
+    `vectors`, row for row; with them, phrases merge only within equal contrast signatures (module
+    docstring). Without them the merge is by similarity alone.
     """
+    import numpy as np
+
     n = len(vectors)
+    if texts is not None and len(texts) != n:
+        raise ValueError(f"{len(texts)} texts for {n} vectors")
     leader = np.arange(n)
     if n < 2 or threshold > 1.0:
         return leader
@@ -184,6 +274,10 @@ def merge_near_duplicates(vectors: np.ndarray, priority: np.ndarray, threshold: 
     rank[order] = np.arange(n)
     is_leader = np.zeros(n, dtype=bool)
     close = (sims >= threshold) & (nbrs >= 0) & (nbrs != np.arange(n)[:, None])
+    if texts is not None:
+        ids: dict[frozenset[str], int] = {}
+        signature = np.fromiter((ids.setdefault(contrast_signature(t), len(ids)) for t in texts), np.int64, n)
+        close &= signature[nbrs] == signature[:, None]  # nbrs of -1 (none found) are already not close
     for i in order:
         best, best_sim = -1, -1.0
         if close[i].any():

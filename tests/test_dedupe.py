@@ -49,3 +49,83 @@ def test_phrase_vectors_equal_sentence_transformers_encode():
     assert ours.dtype == np.float32 and ours.shape == ref.shape
     assert np.abs(ours - ref).max() < 1e-5
     assert shared_embedder().encode([]).shape == (0, 384)
+
+
+def _groups(texts, leader):
+    groups = {}
+    for i, lead in enumerate(leader):
+        groups.setdefault(texts[lead], []).append(texts[i])
+    return groups
+
+
+def test_contrast_words_keep_measured_false_merges_apart():
+    """MiniLM puts these at cosine >= 0.9 (0.92, 0.99, 0.94; 0.96, 0.93, 0.97): by similarity alone
+    they merge at the default threshold, and a square would get "one line of mirror symmetry"."""
+    pairs = [("four lines of mirror symmetry", "one line of mirror symmetry"),
+             ("sharp corner at the top left", "sharp corner at the top right"),
+             ("straight strokes only", "no straight strokes"),
+             ("thick black lines", "thin black lines"),
+             ("the digit has a closed loop", "the digit has an open loop"),
+             ("one hole in its upper half", "one hole in its lower half")]
+    texts = [t for pair in pairs for t in pair]
+    vecs = shared_embedder().encode(texts)
+    for k in range(len(pairs)):
+        assert float(vecs[2 * k] @ vecs[2 * k + 1]) >= 0.9  # what makes them dangerous
+    assert merge_near_duplicates(vecs, np.arange(len(texts)), 0.9).tolist() != list(range(len(texts)))
+    assert merge_near_duplicates(vecs, np.arange(len(texts)), 0.9, texts).tolist() == list(range(len(texts)))
+
+
+def test_paraphrases_still_merge_with_the_contrast_guard():
+    # the known near-duplicates of the first test, and paraphrases that share contrast words or spell
+    # them differently ("4" = "four", "single" = "one", "pair" = "two", "without" = "no", "big" = "large")
+    texts = ["black and white stripes", "black white stripes", "bright red colour", "bright red color",
+             "large yellow petals", "big yellow petals", "long curved beak", "curved long beak",
+             "four legs", "4 legs", "one horn", "single horn", "no stripes", "without stripes",
+             "two long sides and two short sides", "two short sides and two long sides",
+             "long tail", "long legs", "red colour", "blue colour", "round shape"]
+    vecs = shared_embedder().encode(texts)
+    groups = _groups(texts, merge_near_duplicates(vecs, np.arange(len(texts)), 0.9, texts))
+    for k in range(0, 16, 2):
+        assert groups[texts[k]] == [texts[k], texts[k + 1]]
+    for distinct in ("long tail", "long legs", "red colour", "blue colour", "round shape"):
+        assert groups[distinct] == [distinct]
+
+
+def test_contrast_signature_spellings():
+    from uniil.attrpool.dedupe import contrast_signature
+
+    assert contrast_signature("Four-pointed star") == contrast_signature("4 pointed star") == {"4"}
+    assert contrast_signature("a pair of horns") == contrast_signature("two horns") == {"2"}
+    assert contrast_signature("doesn't have stripes") == contrast_signature("without stripes") == {"no"}
+    assert contrast_signature("upper left corner") == contrast_signature("top left corner") == {"top", "left"}
+    assert contrast_signature("hind legs") == contrast_signature("back legs") != contrast_signature("front legs")
+    assert contrast_signature("striped fur") == contrast_signature("stripy fur") == frozenset()
+    assert contrast_signature("12 spokes") != contrast_signature("120 spokes")
+
+
+def test_no_chain_puts_contrasting_phrases_together():
+    # All three pairwise within the threshold, the neutral middle phrase leading: by similarity both
+    # others join it, so "left" and "right" end up one attribute through it. With texts, a phrase joins
+    # only a leader with its own contrast words, so every group holds one signature.
+    vecs = np.array([[1.0, 0.0], [np.cos(0.2), np.sin(0.2)], [np.cos(0.4), np.sin(0.4)]], np.float32)
+    middle_first = np.array([1, 0, 2])
+    texts = ["corner at the top left", "corner at the top", "corner at the top right"]
+    assert merge_near_duplicates(vecs, middle_first, 0.9).tolist() == [1, 1, 1]  # the false merge
+    assert merge_near_duplicates(vecs, middle_first, 0.9, texts).tolist() == [0, 1, 2]
+    # A phrase still joins the leader that shares its contrast words, and only that one.
+    texts = ["left corner at the top", "corner at the top left", "corner at the top right"]
+    assert merge_near_duplicates(vecs, middle_first, 0.9, texts).tolist() == [1, 1, 2]
+    texts = ["corner at the top right", "corner at the top left", "right corner at the top"]
+    assert merge_near_duplicates(vecs, middle_first, 0.9, texts).tolist() == [0, 1, 0]
+
+
+def test_real_chain_through_a_neutral_phrase():
+    texts = ["sharp corner at the top", "sharp corner at the top left", "sharp corner at the top right",
+             "sharp corner at the upper left", "line of mirror symmetry", "one line of mirror symmetry",
+             "four lines of mirror symmetry", "a single line of mirror symmetry"]
+    vecs = shared_embedder().encode(texts)
+    groups = _groups(texts, merge_near_duplicates(vecs, np.arange(len(texts)), 0.9, texts))
+    assert sorted(groups.values()) == sorted([
+        ["sharp corner at the top"], ["sharp corner at the top left", "sharp corner at the upper left"],
+        ["sharp corner at the top right"], ["line of mirror symmetry"],
+        ["one line of mirror symmetry", "a single line of mirror symmetry"], ["four lines of mirror symmetry"]])
