@@ -154,19 +154,23 @@ def _split(value: Optional[str]) -> Optional[list[str]]:
     return None if value is None else [v.strip() for v in value.split(",") if v.strip()]
 
 
+def _pool_rows(s: dict, rebuilt: bool) -> list[tuple[str, object]]:
+    """A finished pool's counts, as the build and import reports show them."""
+    if not s:
+        return []
+    return [("classes / domains", f"{s['classes']} / {s['domains']}"),
+            ("canonical attributes (class / domain)",
+             f"{s['attributes']} ({s['class_attributes']} / {s['domain_attributes']})"),
+            ("raw attributes", s["raw_attributes"]), ("backbone", f"{s['backbone']} (dim {s['dim']})"),
+            ("index", s["index"]), ("derived", "rebuilt" if rebuilt else "up to date")]
+
+
 def _print_report(report) -> None:
     t = Table(title=f"pool {report.pool}", show_header=False)
     rows = [("prompts planned", report.planned), ("answers reused from the pool", report.reused),
             ("answered now", report.answered), ("failed (no usable answer)", report.failed),
             ("HTTP requests made", report.http_requests)]
-    s = report.stats
-    if s:
-        rows += [("classes / domains", f"{s['classes']} / {s['domains']}"),
-                 ("canonical attributes (class / domain)",
-                  f"{s['attributes']} ({s['class_attributes']} / {s['domain_attributes']})"),
-                 ("raw attributes", s["raw_attributes"]), ("backbone", f"{s['backbone']} (dim {s['dim']})"),
-                 ("index", s["index"]), ("derived", "rebuilt" if report.rebuilt else "up to date")]
-    for k, v in rows:
+    for k, v in rows + _pool_rows(report.stats, report.rebuilt):
         t.add_row(k, str(v))
     out.print(t)
     if report.failed_sources:
@@ -322,6 +326,43 @@ def attrs_export(
 
         atomic_write_text(output, text)
         err.print(f"wrote {output}")
+
+
+@attrs_app.command("import")
+def attrs_import(
+    file: Annotated[Path, typer.Argument(help="Descriptor file: JSON {class: [descriptors]} (classify-by-description, "
+                                              "CuPL, `attrs export`), JSON with \"classes\"/\"domains\" sections, "
+                                              "or CSV with the header kind,source,attribute.")],
+    pool: PoolOpt,
+    dataset: Annotated[Optional[str], typer.Option(help="Registry name or ImageFolder root whose names the file uses "
+                                                        "(default: the file's \"dataset\", else the pool's names).")] = None,
+    classes: Annotated[Optional[Path], typer.Option(help="File with one class name per line (instead of --dataset).")] = None,
+    kind: Annotated[Optional[str], typer.Option(help="What a flat JSON file's keys name: class or domain [class].",
+                                                show_default=False)] = None,
+    dedupe_threshold: Annotated[Optional[float], typer.Option(
+        help="Cosine above which phrases merge [the pool's, else 0.9].", show_default=False)] = None,
+    clip_model: ClipModelOpt = None,
+    clip_pretrained: ClipPretrainedOpt = None,
+    device: Annotated[str, typer.Option(help="Device for the CLIP text tower.")] = "cpu",
+):
+    """Add a published descriptor file's attributes to a pool (normalised, deduped, embedded, indexed)."""
+    from .attrpool.importer import ImportConfig, import_attributes
+
+    if clip_model is not None:
+        _ensure_backbone(clip_model, clip_pretrained)
+    cfg = ImportConfig(file, pool, dataset, classes, kind, clip_model, clip_pretrained, dedupe_threshold, device)
+    with RichProgress() as progress:
+        report = import_attributes(cfg, progress)
+    t = Table(title=f"pool {report.pool}", show_header=False)
+    covered = " / ".join(f"{report.covered[k]} of {report.known[k]}" for k in ("class", "domain"))
+    rows = [("file", f"{report.file} ({report.format}, sha256 {report.sha256[:16]}...)"),
+            ("phrases in the file", report.phrases), (f"classes / domains of {report.names_of} described", covered),
+            ("imported now", f"{report.added} class(es)/domain(s)" if report.added else "nothing: imported before")]
+    for k, v in rows + _pool_rows(report.stats, report.rebuilt):
+        t.add_row(k, str(v))
+    out.print(t)
+    if report.skipped:
+        out.print("[yellow]named in the file but without a usable phrase:[/] " + ", ".join(report.skipped))
 
 
 @attrs_app.command("match")

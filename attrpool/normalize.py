@@ -29,9 +29,12 @@ def normalize_phrase(phrase: str) -> str:
     return re.sub(r"\s+etc$", "", text).strip()
 
 
-def usable_phrase(normalized: str, source_name: str) -> bool:
-    """False for phrases that say nothing about how the source looks."""
-    if not normalized or len(normalized) > MAX_CHARS or len(normalized.split()) > MAX_WORDS:
+def usable_phrase(normalized: str, source_name: str, *, authored: bool = False) -> bool:
+    """False for phrases that say nothing about how the source looks. The length limits catch a
+    model rambling; `authored` phrases, read from a file people wrote (CuPL's descriptors are whole
+    sentences), are kept at any length."""
+    too_long = len(normalized) > MAX_CHARS or len(normalized.split()) > MAX_WORDS
+    if not normalized or (too_long and not authored):
         return False
     if not re.search(r"[^\W\d_]", normalized) or normalized in _JUNK:
         return False
