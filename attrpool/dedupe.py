@@ -41,9 +41,9 @@ log = logging.getLogger(__name__)
 EMBEDDER_ID = "all-MiniLM-L6-v2"
 NEIGHBOURS = 16
 
-# Changes whenever the merge rule does (2: the contrast guard), so that a pool's derivation
-# fingerprint can tell merges made under an older rule.
-MERGE_RULE_VERSION = 2
+# Changes whenever the merge rule does (2: the contrast guard; 3: every number word), so that a
+# pool's derivation fingerprint can tell merges made under an older rule.
+MERGE_RULE_VERSION = 3
 
 
 def _contrast_words() -> dict[str, str]:
@@ -52,8 +52,10 @@ def _contrast_words() -> dict[str, str]:
         # numbers (digits are canonicalised in contrast_signature), multiples and ordinals
         "0": "zero", "1": "one single sole lone once", "2": "two double twice pair pairs twin twins both dual",
         "3": "three triple thrice triplet", "4": "four quadruple", "5": "five", "6": "six", "7": "seven",
-        "8": "eight", "9": "nine", "10": "ten", "11": "eleven", "12": "twelve dozen", "20": "twenty",
-        "100": "hundred", "1st": "first", "2nd": "second", "3rd": "third", "4th": "fourth", "5th": "fifth",
+        "8": "eight", "9": "nine", "10": "ten", "11": "eleven", "12": "twelve dozen dozens", "13": "thirteen",
+        "14": "fourteen", "15": "fifteen", "16": "sixteen", "17": "seventeen", "18": "eighteen", "19": "nineteen",
+        "20": "twenty", "30": "thirty", "40": "forty", "50": "fifty", "60": "sixty", "70": "seventy",
+        "80": "eighty", "90": "ninety", "100": "hundred hundreds", "1000": "thousand thousands", "1st": "first", "2nd": "second", "3rd": "third", "4th": "fourth", "5th": "fifth",
         "half": "half halves", "quarter": "quarter quarters",
         # directions and positions
         "left": "left leftmost leftward", "right": "right rightmost rightward",

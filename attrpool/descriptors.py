@@ -149,6 +149,8 @@ def _read_csv(path: Path, text: str) -> list[Entry]:
         rows = [(reader.line_num, r) for r in reader if any(c.strip() for c in r)]
     except csv.Error as exc:
         raise UserError(f"{path.name} is not valid CSV ({exc}); write a header row {CSV_HEADERS}") from None
+    if not rows:  # only separators or blank lines
+        raise UserError(f"{path.name} has no rows; write a header row {CSV_HEADERS} and one attribute per row")
     header = [c.strip().lower() for c in rows[0][1]]
     col = {name: i for i, name in reversed(list(enumerate(header)))}
     source_col = col.get("source", col.get("name"))

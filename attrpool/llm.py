@@ -163,6 +163,8 @@ class ChatBackend:
                 raise TransientLLMError(f"timed out after {self.timeout_s}s") from None
             except httpx2.TransportError as exc:
                 raise TransientLLMError(f"cannot connect to {self.spec.base_url}: {exc}", connection=True) from None
+            except httpx2.RequestError as exc:  # e.g. a body that cannot be decoded: as the SDK, a transient error
+                raise TransientLLMError(f"request to {self.spec.base_url} failed: {exc}") from None
             if r.status_code >= 400:
                 message = _status_message(r)
                 if mode not in (None, "none") and r.status_code in (400, 422, 500) and _rejects_structured(message):
@@ -202,9 +204,13 @@ def _status_message(response: httpx2.Response) -> str:
         error = json.loads(response.content)
     except ValueError:
         return f"{message} - {response.text.strip()}" if response.text.strip() else message
-    error = error.get("error", error) if isinstance(error, dict) else None
-    text = error.get("message") if isinstance(error, dict) else None
-    return f"{message} - {text}" if isinstance(text, str) and text else message
+    inner = error.get("error", error) if isinstance(error, dict) else None
+    text = inner.get("message") if isinstance(inner, dict) else None
+    if isinstance(text, str) and text:
+        return f"{message} - {text}"
+    # Servers that answer {"error": "..."} or {"detail": "..."}: the whole body, as the SDK formats it,
+    # so that a rejected response_format is still recognised.
+    return f"{message} - {response.text.strip()}" if response.text.strip() else message
 
 
 def request_body(model: str, form: str, messages: list[dict] | None, prompt: str | None, schema: dict,

@@ -201,6 +201,7 @@ def test_refused_import_leaves_an_existing_pool_as_it_was(cli, tmp_path):
     ("a.json", "  \n", ["a.json is empty"]),
     ("a.json", "{}", ["empty JSON object"]),
     ("a.csv", "", ["a.csv is empty"]),
+    ("a.csv", ",,,\n , \n", ["a.csv has no rows", "kind,source,attribute"]),
     ("a.csv", "name,value\ncircle,round\n", ["header row is 'name,value'", "kind,source,attribute"]),
     ("a.csv", "kind,source,attribute\nshape,circle,round\n", ["a.csv, row 2: kind 'shape'"]),
     ("a.txt", "circle: round\n", ["unknown descriptor file type '.txt'", ".json", ".csv"]),

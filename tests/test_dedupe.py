@@ -129,3 +129,13 @@ def test_real_chain_through_a_neutral_phrase():
         ["sharp corner at the top"], ["sharp corner at the top left", "sharp corner at the upper left"],
         ["sharp corner at the top right"], ["line of mirror symmetry"],
         ["one line of mirror symmetry", "a single line of mirror symmetry"], ["four lines of mirror symmetry"]])
+
+
+def test_every_number_word_is_a_contrast():
+    from uniil.attrpool.dedupe import contrast_signature
+
+    for a, b in (("fifteen petals", "sixteen petals"), ("thirty spines", "forty spines"),
+                 ("a dozen dots", "thirteen dots"), ("a thousand dots", "hundreds of dots")):
+        assert contrast_signature(a) != contrast_signature(b), (a, b)
+    assert contrast_signature("15 petals") == contrast_signature("fifteen petals")
+    assert contrast_signature("hundreds of dots") == contrast_signature("a hundred dots")

@@ -289,3 +289,16 @@ def test_llm_option_on_the_command_line(cli, llm_server, tmp_path):
     good = cli("attrs", "build", *common, "--llm-option", "verify_tls=false")
     assert good.code == 0, good.err
     assert len(llm_server.log) == 1
+
+
+def test_error_bodies_without_error_message_still_name_a_rejected_response_format():
+    """Servers answer {"error": "..."} or {"detail": "..."}; the step-down must still see the text."""
+    import httpx2
+
+    from uniil.attrpool.llm import _rejects_structured, _status_message
+
+    for body in (b'{"error": "response_format json_schema is not supported"}',
+                 b'{"detail": "Unknown field response_format"}', b'{"error": {"message": "bad response_format"}}'):
+        message = _status_message(httpx2.Response(400, content=body))
+        assert message.startswith("Error code: 400 - ") and _rejects_structured(message), message
+    assert _status_message(httpx2.Response(400, content=b"")) == "Error code: 400"

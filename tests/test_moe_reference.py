@@ -167,7 +167,8 @@ def test_evaluation_encodes_the_prompts_once_per_router(world, monkeypatch):
         with torch.no_grad():
             for _ in range(3):
                 method.logits(images, classes)
-        assert calls == [len(vocab.names)] * 2  # routers 0 and 1, every class once; -1 is the fixed t_c
+            method.logits(images, classes[:3])  # classes already encoded: nothing more
+        assert calls == [len(classes)] * 2  # routers 0 and 1, each class's one prompt once; -1 is the fixed t_c
         method.train()  # training moves the experts: the next evaluation encodes again
         method.eval()
         calls.clear()
@@ -257,7 +258,14 @@ def test_dataset_templates_make_each_classes_prompts_from_its_dataset(world):
         want = torch.from_numpy(class_text_embeddings(clip, [name], own))[0]
         torch.testing.assert_close(method.text[i], want, rtol=1e-5, atol=1e-6)
         first = clip.tokenizer([own[0].format(name)])[0]
-        assert torch.equal(method.text_experts.tokens[i, 0], first)  # training encodes the first template
+        experts = method.text_experts
+        assert torch.equal(experts.tokens[experts.first[i]], first)  # training encodes the first template
+        assert int((experts.owner == i).sum()) == len(own)  # evaluation: every template, no padding
+    method.begin_step(0, step_of("aircraft"))
+    method.eval()
+    with torch.no_grad():  # zero-initialised text experts: the mean over each class's own templates
+        got = method.text_experts.prototypes(0, torch.arange(3), 2)
+    torch.testing.assert_close(got, method.text, rtol=1e-5, atol=1e-5)
     assert method.learning_rate(step_of("aircraft"), 1e-3) == 5e-3
     assert method.learning_rate(step_of("mnist"), 1e-3) == 1e-4
     assert method.learning_rate(step_of("synthetic"), 1e-3) == 1e-3
@@ -342,14 +350,19 @@ def test_text_experts_train_under_bf16_autocast(world):
 
 
 def test_runs_recorded_with_the_old_default_warmup_still_resume(tmp_path):
-    """Earlier versions recorded the (capped) default as warmup 30; it is the same run as no --warmup."""
+    """Earlier versions recorded the (capped) default as warmup 30: the same run as no --warmup now,
+    and not the same as a given --warmup 30, which is no longer capped."""
     from uniil.trainer.config import TrainConfig
 
     cfg = TrainConfig("synthetic-uniil", "finetune", tmp_path)
-    stored = {**cfg.identity(), "warmup": 30}
-    assert cfg.identity_against(stored, lambda o: o, lambda: "v") == stored
-    given = TrainConfig("synthetic-uniil", "finetune", tmp_path, warmup=100)
-    assert given.identity_against(stored, lambda o: o, lambda: "v")["warmup"] == 100  # another run
+    old = {k: v for k, v in cfg.identity().items() if k != "warmup_rule"} | {"warmup": 30}  # capped 30
+    assert cfg.identity_against(old, lambda o: o, lambda: "v") == old
+    for warmup in (30, 100):  # given now: uncapped, another schedule than the old run's
+        given = TrainConfig("synthetic-uniil", "finetune", tmp_path, warmup=warmup)
+        assert given.identity_against(old, lambda o: o, lambda: "v") != old
+    # a new run given --warmup 30 (uncapped) is not the default (capped) run
+    new = TrainConfig("synthetic-uniil", "finetune", tmp_path, warmup=30).identity()
+    assert cfg.identity_against(new, lambda o: o, lambda: "v") != new
 
 
 def test_checkpoint_round_trip_with_text_experts(world):
@@ -374,3 +387,11 @@ def test_checkpoint_round_trip_with_text_experts(world):
         assert torch.equal(a, b)
         assert torch.equal(method.logits(a, data.seen_classes), again.logits(b, data.seen_classes))
     assert torch.equal(method.text_experts.adapters.frozen(), again.text_experts.adapters.frozen())
+
+
+def test_a_misspelt_dataset_in_dataset_lrs_is_refused():
+    from uniil.errors import UserError
+
+    with pytest.raises(UserError, match="unknown dataset.*aircaft"):
+        MoEAdapters.parse_options({"dataset_lrs": "aircaft=5e-3"})
+    assert MoEAdapters.parse_options({"preset": "mtil"}).dataset_lrs.startswith("aircraft=5e-3")

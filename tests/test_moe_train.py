@@ -175,4 +175,4 @@ def test_ddp_statistics_count_every_test_image_once(tmp_path):
     for stats in m.statistics:
         ddas = stats["ddas"]
         assert sum(ddas["task_counts"]) + ddas["original_clip"] == evaluated
-        assert stats["text"]["frozen"]  # the text tower's experts trained and froze under DDP too
+        assert all(stats["text"]["frozen"])  # every text block froze experts under DDP too

@@ -166,8 +166,15 @@ class AdaptedBlock(nn.Module):
         self.context: RoutingContext | None = None  # set by `Adapters.routing` around a forward
         self.enabled = True
 
-    def get_weight_dtype(self) -> torch.dtype:  # open_clip's text transformer asks its first block
-        return self.block.get_weight_dtype()
+    # open_clip's text transformer asks its first block for the cast dtype: through
+    # `get_weight_dtype()` (3.x) or `mlp.c_fc.weight` (2.x)
+    def get_weight_dtype(self) -> torch.dtype:
+        return self.block.get_weight_dtype() if hasattr(self.block, "get_weight_dtype") else \
+            self.block.mlp.c_fc.weight.dtype
+
+    @property
+    def mlp(self) -> nn.Module:
+        return self.block.mlp
 
     def forward(self, q_x, k_x=None, v_x=None, attn_mask=None):
         b = self.block

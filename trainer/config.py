@@ -19,7 +19,7 @@ NOT_IDENTITY = {"out", "resume", "device", "recipe"}
 # Fields earlier versions wrote that mean nothing now (num_workers: a --workers flag nothing read).
 RETIRED = {"num_workers"}
 # Fields added since runs were first recorded, with the value an older run had without saying so.
-ADDED = {"eval_split": "test"}
+ADDED = {"eval_split": "test", "warmup_rule": "capped"}
 PATHS = ("out", "pool", "data_root")
 # Warm-up iterations when --warmup is not given, capped at a quarter of a step's iterations. A
 # given --warmup is used as given. (Runs recorded before the cap depended on this wrote 30.)
@@ -40,6 +40,9 @@ class TrainConfig:
     lr: float = 1e-3
     weight_decay: float = 0.0
     warmup: int | None = None  # None: DEFAULT_WARMUP, capped (see engine)
+    # How `warmup` reads: "as-given" (a given value is used uncapped). Runs recorded before it existed
+    # capped every value ("capped"), so a recorded 30 there is this version's None.
+    warmup_rule: str = "as-given"
     seed: int = 0
     device: str = "cpu"
     precision: str = "fp32"
@@ -104,8 +107,9 @@ class TrainConfig:
         for k, before in ADDED.items():
             if k not in stored and identity.get(k) == before:
                 del identity[k]
-        if identity.get("warmup") is None and stored.get("warmup") == DEFAULT_WARMUP:
-            identity["warmup"] = DEFAULT_WARMUP  # the default, as earlier versions recorded it
+        if "warmup_rule" not in stored and stored.get("warmup") == DEFAULT_WARMUP and identity.get("warmup") is None:
+            identity["warmup"] = DEFAULT_WARMUP  # the capped default, as earlier versions recorded it
+            identity.pop("warmup_rule", None)
         theirs = stored.get("method_options")
         if stored.get("method") != self.method or not isinstance(theirs, dict) or theirs == identity["method_options"]:
             return identity  # another method, or the same record: the plain comparison says it all

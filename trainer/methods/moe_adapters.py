@@ -81,6 +81,12 @@ def _lrs_problem(value: str) -> str | None:
         return "write DATASET=LR pairs separated by commas, e.g. aircraft=5e-3,mnist=1e-4"
     if any(lr <= 0 for lr in lrs.values()):
         return "every learning rate must be positive"
+    from ...data.registry import known_datasets
+    from ...data.rendered import RENDERED
+
+    unknown = sorted(set(lrs) - set(known_datasets()) - set(RENDERED))
+    if unknown:  # a misspelt name would silently train at --lr
+        return f"unknown dataset(s) {', '.join(unknown)}; the names are those of data/datasets.yaml and the rendered ones"
     return None
 
 

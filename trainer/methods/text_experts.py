@@ -22,6 +22,9 @@ from ..adapters import Adapters, RoutingContext, expert_usage, noisy_logits
 from .moe_common import freeze_most_used
 
 
+EVAL_CHUNK = 1024  # prompts per text forward at evaluation: bounds its activations on large vocabularies
+
+
 class TextExperts(nn.Module):
     def __init__(self, clip, prompts: list[list[str]], opts):
         super().__init__()
@@ -30,14 +33,15 @@ class TextExperts(nn.Module):
                                  scale=opts.adapter_scale, dropout=opts.adapter_dropout, tower="text")
         self.w_gate = nn.ParameterList()
         self.w_noise = nn.ParameterList()
-        width = max(len(p) for p in prompts)
-        # Tokens of template j of every class [C, T, L]; a class with fewer templates repeats its
-        # last one in the padding slots, which `weights` then leaves out of the mean.
-        padded = [p + [p[-1]] * (width - len(p)) for p in prompts]
-        tokens = torch.stack([clip.tokenizer(col) for col in zip(*padded)], dim=1)
-        self.register_buffer("tokens", tokens.to(clip.device), persistent=False)
-        weights = torch.tensor([[1.0 / len(p)] * len(p) + [0.0] * (width - len(p)) for p in prompts])
-        self.register_buffer("weights", weights.to(clip.device), persistent=False)
+        # Every prompt once [P, L] (classes have different numbers of templates), the class of each,
+        # and each class's first prompt, the one training encodes.
+        flat = [text for own in prompts for text in own]
+        self.register_buffer("tokens", clip.tokenizer(flat).to(clip.device), persistent=False)
+        owner = torch.tensor([c for c, own in enumerate(prompts) for _ in own])
+        self.register_buffer("owner", owner.to(clip.device), persistent=False)
+        starts = torch.tensor([0] + [len(own) for own in prompts[:-1]]).cumsum(0)
+        self.register_buffer("first", starts.to(clip.device), persistent=False)
+        self.num_classes = len(prompts)
         self.usage = torch.zeros(self.adapters.num_layers, opts.num_experts, device=clip.device)
         self._cache: dict[int | None, torch.Tensor] = {}
 
@@ -73,16 +77,25 @@ class TextExperts(nn.Module):
     def prototypes(self, router: int | None, classes: torch.Tensor, top_k: int) -> torch.Tensor:
         """[len(classes), D] L2-normalised class prototypes through the text tower routed by
         `router` (None: adapters off). In training: the first template, with grad, every call.
-        Otherwise: the mean over every template, computed once per router and cached."""
+        Otherwise: the mean over every template; each class is encoded once per router and kept
+        until the experts train again."""
         if self.training:
-            return self._encode(self.tokens[classes, 0], router, top_k)
+            return self._encode(self.tokens[self.first[classes]], router, top_k)
         if router not in self._cache:
+            self._cache[router] = (torch.zeros(self.num_classes, self.clip.dim, device=self.tokens.device),
+                                   torch.zeros(self.num_classes, dtype=torch.bool, device=self.tokens.device))
+        protos, done = self._cache[router]
+        missing = classes[~done[classes]].unique()
+        if len(missing):  # evaluation only: the host sync of this check costs nothing there
             with torch.no_grad():
-                c, t, n = self.tokens.shape
-                feats = self._encode(self.tokens.reshape(c * t, n), router, top_k).view(c, t, -1)
-                mean = (feats * self.weights[:, :, None].to(feats.dtype)).sum(1)
-                self._cache[router] = F.normalize(mean.float(), dim=-1)
-        return self._cache[router][classes]
+                rows = torch.isin(self.owner, missing).nonzero().squeeze(1)
+                feats = torch.cat([self._encode(self.tokens[chunk], router, top_k)
+                                   for chunk in rows.split(EVAL_CHUNK)])
+                sums = torch.zeros(self.num_classes, feats.shape[1], device=feats.device)
+                sums.index_add_(0, self.owner[rows], feats)
+                protos[missing] = F.normalize(sums[missing], dim=-1)  # the mean's direction
+                done[missing] = True
+        return protos[classes]
 
     def _encode(self, tokens: torch.Tensor, router: int | None, top_k: int) -> torch.Tensor:
         ctx = None if router is None else RoutingContext(self._router(router), top_k)
