@@ -713,6 +713,16 @@ def _bench_settings(out_dir, pool, clip_model, clip_pretrained, device, data_roo
     return settings, list(given)
 
 
+def _run_grid(run, cfg, out_dir: Path, clip_model, clip_pretrained):
+    """Run a bench or a sweep (`run`: run_bench or run_sweep) with a progress bar over its grid and a
+    line per finished run; Ctrl-C says how to continue."""
+    global _interrupt_hint
+    _interrupt_hint = f"interrupted; finished runs are kept in {out_dir}: rerun the same command to continue"
+    _ensure_backbone(clip_model, clip_pretrained)
+    with RichProgress(keep_finished=False) as progress:
+        return run(cfg, progress, on_run=lambda o: progress.print(_bench_line(o)))
+
+
 def _print_bench(result, scenario: str, out_dir: Path, what: str = "bench") -> None:
     from .trainer.bench import BENCH_JSON, BENCH_MD, CURVES_PNG, SUMMARY_HEADERS, failed_lines, summary_rows
 
@@ -760,17 +770,13 @@ def bench(
     Each method gets the scenario recipe's values for what is not given."""
     from .trainer.bench import BENCH_MD, bench_config, run_bench, validate
 
-    global _interrupt_hint
     settings, given = _bench_settings(out_dir, pool, clip_model, clip_pretrained, device, data_root, download, "test",
                                       epochs=epochs, iters=iters, batch_size=batch_size, lr=lr,
                                       weight_decay=weight_decay, warmup=warmup, precision=precision,
                                       train_per_class=train_per_class, test_per_class=test_per_class)
     cfg = bench_config(scenario, methods, seeds, out_dir, settings, opt, _recipe(recipe, scenario), given)
     validate(cfg)  # before a built-in backbone trains: a mistake costs nothing and writes nothing
-    _interrupt_hint = f"interrupted; finished runs are kept in {out_dir}: rerun the same command to continue"
-    _ensure_backbone(clip_model, clip_pretrained)
-    with RichProgress(keep_finished=False) as progress:
-        result = run_bench(cfg, progress, on_run=lambda o: progress.print(_bench_line(o)))
+    result = _run_grid(run_bench, cfg, out_dir, clip_model, clip_pretrained)
     _print_bench(result, scenario, out_dir)
     if result.failed:
         raise UserError(f"{len(result.failed)} of {len(result.runs)} runs failed (listed in {out_dir / BENCH_MD}); "
@@ -811,7 +817,6 @@ def sweep(
     `uniil train` and `uniil bench` use as defaults."""
     from .trainer.sweep import check, run_sweep, sweep_config
 
-    global _interrupt_hint
     settings, given = _bench_settings(out_dir, pool, clip_model, clip_pretrained, device, data_root, download, "val",
                                       epochs=epochs, iters=iters, batch_size=batch_size, weight_decay=weight_decay,
                                       warmup=warmup, precision=precision, train_per_class=train_per_class,
@@ -820,10 +825,7 @@ def sweep(
     cfg = sweep_config(scenario, methods, lrs, grid, seeds, out_dir, settings, write, _recipe(recipe, scenario),
                        given, _method_options(opt), command)
     check(cfg)
-    _interrupt_hint = f"interrupted; finished runs are kept in {out_dir}: rerun the same command to continue"
-    _ensure_backbone(clip_model, clip_pretrained)
-    with RichProgress(keep_finished=False) as progress:
-        result, chosen = run_sweep(cfg, progress, on_run=lambda o: progress.print(_bench_line(o)))
+    result, chosen = _run_grid(run_sweep, cfg, out_dir, clip_model, clip_pretrained)
     _print_bench(result, scenario, out_dir, "sweep")
     t = Table("method", "lr", "options", "how", title=f"chosen on validation, written to {write}")
     for name in cfg.methods:

@@ -16,6 +16,7 @@ from uniil.trainer import checkpoint as ckpt
 from uniil.trainer.adapters import RoutingContext
 from uniil.trainer.methods.base import RunContext
 from uniil.trainer.methods.moe_adapters import MoEAdapters
+from uniil.trainer.methods.moe_common import task_router
 
 FAST = ["--scenario", "synthetic-uniil", "--recipe", "none", "--clip-model", "uniil-tiny", "--train-per-class", "4",
         "--test-per-class", "2", "--batch-size", "16"]
@@ -84,7 +85,7 @@ def test_a_block_of_each_tower_computes_what_the_original_computes(world, tower,
         w_gate, w_noise = method.w_gate[0][0], method.w_noise[0][0]
     else:
         experts = method.text_experts
-        adapters, router, mask = experts.adapters, experts._router(0), method.clip.model.attn_mask
+        adapters, router, mask = experts.adapters, task_router(experts, 0), method.clip.model.attn_mask
         w_gate, w_noise = experts.w_gate[0][0], experts.w_noise[0][0]
     adapted = adapters._blocks[0]
     assert isinstance(adapted.block.ls_1, torch.nn.Identity) and isinstance(adapted.block.ls_2, torch.nn.Identity)

@@ -277,6 +277,10 @@ class Adapters(nn.Module):
         """[L, E] bool: which experts of each layer are frozen."""
         return torch.stack([bank.frozen for bank in self.banks])
 
+    def frozen_experts(self) -> list[list[int]]:
+        """The frozen experts of each layer, as indices (for records)."""
+        return [[e for e, f in enumerate(row) if f] for row in self.frozen().tolist()]
+
 
 class _Routing:
     def __init__(self, blocks, ctx):

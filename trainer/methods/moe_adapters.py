@@ -45,10 +45,10 @@ import torch
 from torch import nn
 
 from ...errors import UserError
-from ..adapters import RoutingContext, noisy_logits, tower_transformer
+from ..adapters import RoutingContext, tower_transformer
 from .base import Batch, StepData, opt, register_method, templates_option
 from .ddas import TaskSelector
-from .moe_common import MoEMethod, summed_over_ranks
+from .moe_common import MoEMethod, grow_task_routers, summed_over_ranks, task_router
 from .text_experts import TextExperts
 
 log = logging.getLogger(__name__)
@@ -188,18 +188,13 @@ class MoEAdapters(MoEMethod):
     # -- structure ------------------------------------------------------------------------------
     def begin_step(self, t: int, data: StepData) -> None:
         shape = (self.adapters.num_layers, self.adapters.width, self.num_experts)
-        while len(self.w_gate) < (t + 1 if self.opts.task_routers else 1):
-            self.w_gate.append(nn.Parameter(self._zeros(*shape)))
-            self.w_noise.append(nn.Parameter(self._zeros(*shape)))
-        self._current = len(self.w_gate) - 1
-        for i, (g, n) in enumerate(zip(self.w_gate, self.w_noise)):
-            g.requires_grad_(i == self._current)
-            n.requires_grad_(i == self._current)
+        self._current = grow_task_routers(self.w_gate, self.w_noise, t + 1 if self.opts.task_routers else 1, shape,
+                                          self._device)
         if self.selector is not None:
             while len(self.selector.tasks) < t + 1:
                 self.selector.add_task(self._device)
         if self.text_experts is not None:
-            self.text_experts.begin_step(len(self.w_gate), self._current)
+            self.text_experts.begin_step(len(self.w_gate))
         self._begin_experts()
         self._choices = []
 
@@ -225,18 +220,7 @@ class MoEAdapters(MoEMethod):
 
     # -- routing --------------------------------------------------------------------------------
     def _router(self, task: int | torch.Tensor):
-        """Gate logits of router `task` (an int), or of each sample's own router (a [B] tensor)."""
-        def route(layer: int, cls: torch.Tensor) -> torch.Tensor:
-            if isinstance(task, int):
-                clean = cls @ self.w_gate[task][layer]
-                noise = cls @ self.w_noise[task][layer]
-            else:
-                gates = torch.stack([w[layer] for w in self.w_gate])  # [T, d, E]
-                clean = torch.einsum("bd,tde->bte", cls, gates.to(cls.dtype))
-                clean = clean.gather(1, task.view(-1, 1, 1).expand(-1, 1, clean.shape[-1])).squeeze(1)
-                noise = clean  # evaluation only: no noise
-            return noisy_logits(clean.float(), noise.float(), self.training)
-        return route
+        return task_router(self, task)
 
     def forward(self, batch: Batch, data: StepData) -> torch.Tensor:
         ctx = RoutingContext(self._router(self._current), self.top_k)
@@ -252,9 +236,9 @@ class MoEAdapters(MoEMethod):
         else:
             task, on = self.selector.choose(self.frozen_features(batch))
             self._choices.append((task, on))
-            router = task if self.opts.task_routers else self._current
-            feats = self._route(batch, RoutingContext(self._router(router), self.top_k, sample_mask=on.float()))
-            routers = torch.where(on, task if self.opts.task_routers else self._current, -1)
+            chosen = task if self.opts.task_routers else self._current
+            feats = self._route(batch, RoutingContext(self._router(chosen), self.top_k, sample_mask=on.float()))
+            routers = torch.where(on, chosen, -1)
         if self.text_experts is None or self.training:
             return feats
         return torch.cat([feats, routers.to(feats.dtype)[:, None]], dim=1)
@@ -281,8 +265,7 @@ class MoEAdapters(MoEMethod):
             stats["lr"] = self._lr
         if self.text_experts is not None:
             stats["text"] = {"usage": self.text_experts.usage.round().int().tolist(),
-                             "frozen": [[e for e, f in enumerate(row) if f]
-                                        for row in self.text_experts.adapters.frozen().tolist()]}
+                             "frozen": self.text_experts.adapters.frozen_experts()}
         if self.selector is not None and len(self.selector.tasks):  # every DDP rank joins the sum
             task = torch.cat([c[0] for c in self._choices]) if self._choices else torch.zeros(0, dtype=torch.long)
             on = torch.cat([c[1] for c in self._choices]) if self._choices else torch.zeros(0, dtype=torch.bool)

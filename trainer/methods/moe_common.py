@@ -9,9 +9,10 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
+from torch import nn
 
 from ...errors import UserError
-from ..adapters import Adapters, RoutingContext, expert_usage, load_balancing_loss
+from ..adapters import Adapters, RoutingContext, expert_usage, load_balancing_loss, noisy_logits
 from ..sources import cached_features
 from .base import Batch, ContinualMethod, label_smoothing_option, train_vocab_option, opt
 
@@ -52,6 +53,36 @@ def freeze_most_used(adapters: Adapters, usage: torch.Tensor, n: int, top_k: int
     mask = torch.zeros_like(frozen).scatter_(1, picked, True)
     adapters.freeze(mask)
     return [[e for e in row if not was[e]] for row, was in zip(picked.tolist(), frozen.tolist())]
+
+
+def grow_task_routers(w_gate: nn.ParameterList, w_noise: nn.ParameterList, count: int, shape: tuple[int, ...],
+                      device) -> int:
+    """Zero-initialised (W_g, W_noise) router pairs [L, d, E] up to `count`; only the newest trains.
+    Returns its index (the current router)."""
+    while len(w_gate) < count:
+        w_gate.append(nn.Parameter(torch.zeros(*shape, device=device)))
+        w_noise.append(nn.Parameter(torch.zeros(*shape, device=device)))
+    current = len(w_gate) - 1
+    for i, (g, n) in enumerate(zip(w_gate, w_noise)):
+        g.requires_grad_(i == current)
+        n.requires_grad_(i == current)
+    return current
+
+
+def task_router(owner: nn.Module, task: int | torch.Tensor):
+    """Noisy top-k gate logits (noise in training only) from `owner`'s router pairs `w_gate`/`w_noise`:
+    router `task` (an int) for every input, or each input's own router (a [B] tensor; evaluation)."""
+    def route(layer: int, token: torch.Tensor) -> torch.Tensor:
+        if isinstance(task, int):
+            clean = token @ owner.w_gate[task][layer].to(token.dtype)
+            noise = token @ owner.w_noise[task][layer].to(token.dtype)
+        else:
+            gates = torch.stack([w[layer] for w in owner.w_gate])  # [T, d, E]
+            clean = torch.einsum("bd,tde->bte", token, gates.to(token.dtype))
+            clean = clean.gather(1, task.view(-1, 1, 1).expand(-1, 1, clean.shape[-1])).squeeze(1)
+            noise = clean  # evaluation only: no noise
+        return noisy_logits(clean.float(), noise.float(), owner.training)
+    return route
 
 
 class FrozenFeatures:
@@ -161,4 +192,4 @@ class MoEMethod(ContinualMethod):
         return {"experts": self.num_experts, "top_k": self.top_k,
                 "usage": self.usage.round().int().tolist(),
                 "eval_usage": summed_over_ranks(self.eval_usage).round().int().tolist(),
-                "frozen": [[e for e, f in enumerate(row) if f] for row in self.adapters.frozen().tolist()]}
+                "frozen": self.adapters.frozen_experts()}

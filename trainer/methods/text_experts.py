@@ -18,8 +18,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..adapters import Adapters, RoutingContext, expert_usage, noisy_logits
-from .moe_common import freeze_most_used
+from ..adapters import Adapters, RoutingContext, expert_usage
+from .moe_common import freeze_most_used, grow_task_routers, task_router
 
 
 EVAL_CHUNK = 1024  # prompts per text forward at evaluation: bounds its activations on large vocabularies
@@ -50,16 +50,10 @@ class TextExperts(nn.Module):
         return self.adapters.num_layers
 
     # -- per step -------------------------------------------------------------------------------
-    def begin_step(self, routers: int, current: int) -> None:
-        """Make `routers` router pairs (zero-initialised), of which only `current` trains."""
+    def begin_step(self, routers: int) -> None:
+        """Make `routers` router pairs (zero-initialised), of which only the newest trains, as on the image side."""
         shape = (self.adapters.num_layers, self.adapters.width, self.opts.num_experts)
-        device = self.tokens.device
-        while len(self.w_gate) < routers:
-            self.w_gate.append(nn.Parameter(torch.zeros(*shape, device=device)))
-            self.w_noise.append(nn.Parameter(torch.zeros(*shape, device=device)))
-        for i, (g, n) in enumerate(zip(self.w_gate, self.w_noise)):
-            g.requires_grad_(i == current)
-            n.requires_grad_(i == current)
+        grow_task_routers(self.w_gate, self.w_noise, routers, shape, self.tokens.device)
         self.usage = torch.zeros_like(self.usage)
         self.adapters.hold_frozen()
         self._cache.clear()
@@ -98,16 +92,9 @@ class TextExperts(nn.Module):
         return protos[classes]
 
     def _encode(self, tokens: torch.Tensor, router: int | None, top_k: int) -> torch.Tensor:
-        ctx = None if router is None else RoutingContext(self._router(router), top_k)
+        ctx = None if router is None else RoutingContext(task_router(self, router), top_k)
         with self.adapters.routing(ctx):
             feats = self.clip.model.encode_text(tokens)
         if ctx is not None and self.training:
             self.usage = self.usage + expert_usage(ctx.gates, self.opts.num_experts).detach()
         return F.normalize(feats.float(), dim=-1)
-
-    def _router(self, task: int):
-        def route(layer: int, first_token: torch.Tensor) -> torch.Tensor:
-            clean = first_token @ self.w_gate[task][layer].to(first_token.dtype)
-            noise = first_token @ self.w_noise[task][layer].to(first_token.dtype)
-            return noisy_logits(clean.float(), noise.float(), self.training)
-        return route
