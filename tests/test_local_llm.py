@@ -215,7 +215,7 @@ def test_llama_cpp_server_over_http(llama_server, tmp_path):
 
 
 @pytest.mark.slow
-@pytest.mark.timeout(1800)  # run outside `make test`, it may train uniil-micro first (5-12 min)
+@pytest.mark.timeout(1800)
 def test_demo_builds_the_synthetic_pool_offline(cli, tmp_path, monkeypatch):
     monkeypatch.setenv("UNIIL_CACHE_DIR", str(tmp_path / "cache"))
     r = cli("demo", "--workdir", tmp_path / "demo")
@@ -223,9 +223,12 @@ def test_demo_builds_the_synthetic_pool_offline(cli, tmp_path, monkeypatch):
     s = json.loads(cli("attrs", "stats", "--pool", tmp_path / "demo" / "synthetic.duckdb", "--json").out)
     assert (s["classes"], s["domains"], s["failed_calls"]) == (24 + 10 + 10, 5 + 1 + 1, 0)  # shapes, digits, patterns
     assert "synthetic/test/sketch/0" in r.out  # the match step ran on rendered images
+    assert "uniil-micro@v3" in r.out and "the reference descriptions" in r.out  # the backbone and its figures
+    ref = json.loads(cli("attrs", "stats", "--pool", tmp_path / "demo" / "reference.duckdb", "--json").out)
+    assert (ref["classes"], ref["domains"], ref["http_requests"]) == (24 + 10 + 10, 5 + 1 + 1, 0)  # imported, not asked
     from uniil.trainer.demo import DEMO_RUNS
 
-    for name, _, _ in DEMO_RUNS:  # every method trained on synthetic-uniil and compared
+    for name, _, _, _ in DEMO_RUNS:  # every method trained on synthetic-uniil and compared
         m = run_metrics(tmp_path / "demo" / "runs" / name)
         assert m.finished_steps == 7 and m.class_il.last is not None
         assert name in r.out

@@ -304,7 +304,8 @@ def test_presets_set_their_bundle_and_explicit_keys_override_it():
 def test_demo_runs_hold_valid_typed_options():
     from uniil.trainer.demo import DEMO_RUNS
 
-    for _, method, options in DEMO_RUNS:
+    for _, method, options, pool in DEMO_RUNS:
+        assert pool in ("llm", "reference")
         opts = method_class(method).parse_options(options)
         assert all(getattr(opts, k) == v for k, v in options.items())
 

@@ -1,9 +1,9 @@
-"""`uniil-micro`: trained offline on the synthetic world. The evidence the README records is
-computed here from the renderer's ground truth: zero-shot accuracy, colour and domain phrases
-among an image's top-5 matches, and a phrase never seen in captions landing near the right images.
-
-The first test that needs the trained model trains it (a few minutes, once per machine: the
-weights are cached in the user cache directory, or $UNIIL_CACHE_DIR)."""
+"""`uniil-micro`: trained offline on the synthetic world, shipped with the package. The evidence
+the README records is computed here from the renderer's ground truth on the shipped weights:
+zero-shot accuracy by class name and by the reference descriptions (none of whose phrases is in
+any pre-training caption), colour and domain phrases among an image's top-5 matches, and a phrase
+never seen in captions landing near the right images. The training recipe itself runs here only
+as a short smoke run."""
 
 from __future__ import annotations
 
@@ -44,10 +44,10 @@ def _accuracy(micro, feats, labels) -> float:
 
 
 @pytest.mark.slow
-@pytest.mark.timeout(1800)  # its fixture trains uniil-micro when no earlier test did
 def test_zero_shot_is_good_on_held_in_domains_and_imperfect_elsewhere(micro, test_sets):
     acc = {d: _accuracy(micro, *test_sets[d][:2]) for d in DOMAINS}
     chance = 100 / len(class_names())
+    assert acc["photo"] >= 65, acc  # v3 measures 71.7 (README); v2 had 63.8
     for d in HELD_IN:
         assert acc[d] >= 60, acc
     assert all(acc[d] < 100 for d in DOMAINS), acc  # room to learn in every domain
@@ -91,6 +91,69 @@ def test_a_phrase_never_seen_in_captions_lands_near_the_right_images(micro, test
     assert score[round_].mean() > score[angular].mean()
 
 
+@pytest.mark.slow
+def test_the_reference_descriptions_classify_though_no_caption_says_them(micro, test_sets):
+    """Classification by description with the reference annotator's attributes, though not one of
+    those phrases is in a caption: v3 measures 48.3% on photo and 57.1% on clipart (README); v2
+    scored 11.3% by this computation."""
+    from uniil.backbones.micro_eval import description_prototypes, reference_attributes
+
+    reference = reference_attributes()
+    protos = description_prototypes(micro, reference)
+    acc = {d: float((np.argmax(test_sets[d][0] @ protos.T, axis=1) == test_sets[d][1]).mean() * 100)
+           for d in HELD_IN}
+    assert acc["photo"] >= 40 and acc["clipart"] >= 40, acc
+    # each phrase on its own: on average it ranks its own class's photos above the others'
+    feats, labels, _ = test_sets["photo"]
+    names = list(class_names())
+    phrases = [(c, p) for c in names for p in reference[c]]
+    scores = feats @ micro.encode_text([p for _, p in phrases]).T  # [N, P]
+    above = [scores[labels == names.index(c), j].mean() > scores[labels != names.index(c), j].mean()
+             for j, (c, _) in enumerate(phrases)]
+    assert np.mean(above) >= 0.8, np.mean(above)
+
+
+def test_no_caption_contains_a_reference_phrase():
+    """The reference pool is held out of pre-training: none of its phrases occurs in a caption,
+    even as a part of one (case-insensitive)."""
+    from uniil.backbones.micro_captions import caption_world
+    from uniil.backbones.micro_eval import reference_attributes
+
+    texts = [t.lower() for t in caption_world().texts]
+    phrases = {p.lower() for ps in reference_attributes().values() for p in ps}
+    import json
+    from importlib import resources
+
+    domains = json.loads(resources.files("uniil.data").joinpath("attributes/synthetic.json").read_text())["domains"]
+    phrases |= {p.lower() for ps in domains.values() for p in ps}
+    assert len(phrases) > 130  # distinct phrases: 169 in all, some said of several classes
+    assert not [p for p in phrases if any(p in t for t in texts)]
+
+
+def test_an_attribute_caption_is_true_of_every_class_with_the_fact():
+    """Soft targets: "6 sides" is true of the hexagon and the chevron, of every colour and domain;
+    "a red shape with 6 sides." only of red ones; a naming caption of its own class only."""
+    from uniil.backbones.micro_captions import FIELDS, caption_world, field_values, sample_caption
+
+    w = caption_world()
+    names = list(class_names())
+    six = w.index["6 sides"]
+    assert [names[i] for i in np.flatnonzero(w.shape_mask[six])] == ["hexagon", "chevron"]
+    v = field_values()
+    hexagon_red = np.asarray([[names.index("hexagon"), 0, 0, 0, 0]])
+    chevron_blue = np.asarray([[names.index("chevron"), v["colour"].index("blue"), 1, 2, 1]])
+    star = np.asarray([[names.index("star"), 0, 0, 0, 0]])
+    caps = np.asarray([six, w.index["a red shape with 6 sides."], w.index["a hexagon."]])
+    truth = w.truth(caps, np.concatenate([hexagon_red, chevron_blue, star]))
+    assert truth.tolist() == [[True, True, True], [True, False, False], [False, False, False]]
+    rng = np.random.default_rng(0)
+    for code in ([names.index("ring"), 3, 1, 0, 0], [names.index("kite"), 5, 2, 1, 1], [3, 2, 1, 0, 2]):
+        code = np.asarray(code)
+        drawn = [sample_caption(w, code, rng) for _ in range(200)]
+        assert w.truth(np.asarray(drawn), code[None])[0].all()  # every caption drawn is true of its image
+    assert len(FIELDS) == w.codes.shape[1]
+
+
 def test_training_is_seeded_and_deterministic(tmp_path, monkeypatch):
     """Two trainings with the same recipe give bit-identical weights (a short recipe, to be quick)."""
     from uniil.backbones import micro_train
@@ -99,21 +162,71 @@ def test_training_is_seeded_and_deterministic(tmp_path, monkeypatch):
     a = micro_train.train(recipe).state_dict()
     b = micro_train.train(recipe).state_dict()
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
-    texts, codes, _ = micro_train.caption_table()
-    assert len(texts) == len(set(texts)) and codes.shape == (len(texts), 5)
+    from uniil.backbones.micro_captions import caption_world
+
+    w = caption_world()
+    assert len(w.texts) == len(set(w.texts)) == len(w.index) and w.codes.shape == (len(w.texts), 5)
 
 
-def test_backbone_build_command(tmp_path, monkeypatch):
-    monkeypatch.setenv("UNIIL_BACKBONE_DIR", str(tmp_path))  # never touch the shared trained weights
-    r = run_cli("backbone", "build", "uniil-nano")
-    assert r.code == 1 and "unknown trained backbone 'uniil-nano'" in r.err
-    weights = BackboneSpec.from_options("uniil-micro", None).trained_weights()
-    weights.parent.mkdir(parents=True, exist_ok=True)
-    weights.write_bytes(b"not safetensors")
-    r = run_cli("backbone", "build", "uniil-micro")
-    assert r.code == 0 and "already trained" in r.out
+def test_the_shipped_weights_are_checked_and_older_versions_refused(tmp_path):
+    """The package's weights match the checksum the release recorded; a damaged copy, another
+    version's file and a missing file are one-line errors naming the fix."""
+    from safetensors.torch import load_file, save_file
+
+    from uniil.backbones import micro
     from uniil.backbones.factory import load_backbone
     from uniil.errors import UserError
 
-    with pytest.raises(UserError, match="delete the file"):  # a damaged cache names the fix
-        load_backbone(BackboneSpec.from_options("uniil-micro", None))
+    spec = BackboneSpec.from_options("uniil-micro", None)
+    shipped = spec.shipped_weights()
+    assert spec.trained_weights() == shipped and micro.sha256(shipped) == micro.SHIPPED_SHA256
+    assert spec.id == f"uniil-micro@v{micro.VERSION}"
+    old = tmp_path / "uniil-micro-v2.safetensors"
+    save_file(load_file(str(shipped)), str(old), metadata={"version": "2"})
+    with pytest.raises(UserError, match=r"are uniil-micro v2, this uniil's uniil-micro is v3"):
+        load_backbone(BackboneSpec.from_options("uniil-micro", str(old)))
+    with pytest.raises(UserError, match="no weights file"):
+        BackboneSpec.from_options("uniil-micro", str(tmp_path / "missing.safetensors"))
+    broken = tmp_path / "broken.safetensors"
+    broken.write_bytes(b"not safetensors")
+    with pytest.raises(UserError, match="delete the file"):
+        load_backbone(BackboneSpec.from_options("uniil-micro", str(broken)))
+    damaged = bytearray(shipped.read_bytes())
+    damaged[-1] ^= 1
+    original = shipped.read_bytes()
+    try:  # the shipped file itself, damaged in place (restored below)
+        shipped.write_bytes(bytes(damaged))
+        with pytest.raises(UserError, match="are damaged.*reinstall uniil"):
+            load_backbone(spec)
+    finally:
+        shipped.write_bytes(original)
+
+
+def test_backbone_build_command(tmp_path, monkeypatch):
+    """`backbone build` says the weights ship; `--force` (here a short smoke recipe) trains into the
+    cache and compares its figures with the shipped weights'; the result loads by path."""
+    monkeypatch.setenv("UNIIL_BACKBONE_DIR", str(tmp_path))  # never touch the shared cache
+    r = run_cli("backbone", "build", "uniil-nano")
+    assert r.code == 1 and "unknown trained backbone 'uniil-nano'" in r.err
+    r = run_cli("backbone", "build", "uniil-micro", "--images", "0")
+    assert r.code == 1 and "--images must be at least 1" in r.err
+    r = run_cli("backbone", "build", "uniil-micro")
+    assert r.code == 0 and "ships with uniil" in r.out
+    r = run_cli("backbone", "build", "uniil-micro", "--force", "--images", "192", "--epochs", "1", "--per-class", "2")
+    assert r.code == 0, r.err
+    rebuilt = BackboneSpec.from_options("uniil-micro", None).cached_weights()
+    assert rebuilt.parent == tmp_path and rebuilt.exists()
+    assert "a shorter recipe than the shipped one: 192 images, 1 epochs" in r.out
+    rows = [line.split("│")[1:-1] for line in r.out.splitlines() if line.count("│") == 6]
+    cells = {(k.strip(), d.strip()): (float(new), float(old), float(diff)) for k, d, new, old, diff in rows
+             if d.strip() in DOMAINS}
+    assert len(cells) == 2 * len(DOMAINS)
+    for new, old, diff in cells.values():
+        assert abs(new - old - diff) < 0.11
+    new, old, _ = cells[("class names", "photo")]
+    assert old >= 40 and old > new + 20  # the shipped weights, beside a model of one short epoch (2 images a class)
+    assert f"--clip-pretrained {rebuilt}" in r.out
+    from uniil.backbones.factory import load_backbone
+
+    spec = BackboneSpec.from_options("uniil-micro", str(rebuilt))
+    assert spec.id.endswith(str(rebuilt)) and load_backbone(spec).encode_text(["a star."]).shape == (1, 256)

@@ -135,7 +135,7 @@ def test_mage_attributes_steer_the_router(world):
     data = step_data(scenario, vocab, 0)
     method.begin_step(0, data)
     batch = batch_of(clip, vocab, data)
-    z, _ = method._attributes(batch)
+    z, _, _ = method._attributes(batch)
     assert z.abs().sum() > 0 and z.shape == (8, 2 * clip.dim)
     # only attributes of seen classes and domains are active at the first step
     step = scenario.steps[0]
@@ -166,10 +166,47 @@ def test_mage_prototypes_and_anchoring(world, caplog):
     close(flat.text, text)  # normalise(t + 0 * mean): t up to the CPU's rounding
 
 
+def test_mage_routes_on_frozen_features_and_anchors_w_on_old_prototypes(world):
+    """router_input=frozen: a block's router ignores its adapted token (old images keep their route
+    whatever the experts learn since); anchor_w anchors W on the old classes' prototypes."""
+    from uniil.errors import UserError
+
+    clip, scenario, vocab, text = world
+    with pytest.raises(UserError, match="anchor_w=true needs --opt router_input=frozen"):
+        mage(world, num_experts=4, anchor_w=True)
+    method = mage(world, num_experts=4, router_input="frozen", anchor_w=True, anchor=1.0)
+    assert method.w.shape == (method.adapters.num_layers, clip.dim, 4)
+    train(method, world, 0)
+    data = step_data(scenario, vocab, 1)
+    method.begin_step(1, data)
+    batch = batch_of(clip, vocab, data)
+    z, _, frozen = method._attributes(batch)
+    route = method._router(z, frozen)
+    method.eval()
+    token = torch.randn(len(z), method.adapters.width)
+    with torch.no_grad():
+        close(route(0, token), route(0, token * 3 + 1))  # the token does not matter
+        assert not torch.allclose(route(0, token), route(1, token))  # each block its own W and U
+    old = sorted(step_data(scenario, vocab, 0).classes.tolist())
+    close(method._w_anchors, method.text[old].float())
+    before = float(method._anchoring().detach())
+    with torch.no_grad():
+        method.w.add_(0.1)
+    assert float(method._anchoring().detach()) > before
+    plain = mage(world, num_experts=4, router_input="frozen", anchor=1.0)  # W free without anchor_w
+    train(plain, world, 0)
+    plain.begin_step(1, data)
+    before = float(plain._anchoring().detach())
+    with torch.no_grad():
+        plain.w.add_(0.1)
+    assert float(plain._anchoring().detach()) == pytest.approx(before)
+
+
 @pytest.mark.parametrize("make", [moe, mage])
 def test_checkpoint_round_trip_after_replayed_begin_steps(world, make):
     """What a resumed run does: replay begin_step for finished steps, load the state, go on."""
-    options = {"preset": "mtil", "num_experts": 4} if make is moe else {"num_experts": 4}
+    options = {"preset": "mtil", "num_experts": 4} if make is moe else {"num_experts": 4, "router_input": "frozen",
+                                                                        "anchor_w": True}
     method = make(world, **options)
     train(method, world, 0)
     train(method, world, 1)

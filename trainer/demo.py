@@ -12,10 +12,13 @@ DEMO_SCENARIO = "synthetic-uniil"
 # else (learning rates, options) is the recipe's. `uniil bench` runs the full recipe.
 DEMO_SETTINGS = {"synthetic_train_per_class": 100, "synthetic_test_per_class": 10, "epochs": 2}
 DEMO_DATASETS = ("synthetic", "synthetic-digits", "synthetic-patterns")  # the datasets of DEMO_SCENARIO
-DEMO_RUNS = (  # one run per method; ablations (mage without attributes, ...) are `uniil bench`'s job
-    ("zeroshot", "zeroshot", {}),
-    ("finetune", "finetune", {}),
-    ("moe-adapters", "moe-adapters", {}),
-    ("mage", "mage", {}),
-    ("calfuse", "calfuse", {}),
+# Two attribute pools: "llm" (the embedded LLM's answers) and "reference" (data/attributes/*.json,
+# the reference annotator's, imported with `uniil attrs import`).
+DEMO_RUNS = (  # (run name, method, options, pool); ablations are `uniil bench`'s job
+    ("zeroshot", "zeroshot", {}, "llm"),
+    ("finetune", "finetune", {}, "llm"),
+    ("moe-adapters", "moe-adapters", {}, "llm"),
+    ("mage", "mage", {}, "llm"),
+    ("mage-reference", "mage", {}, "reference"),
+    ("calfuse", "calfuse", {}, "llm"),
 )

@@ -17,6 +17,13 @@
   before it is introduced, for Transfer, uses t_c). Classes without attributes keep t_c (warning).
 - Loss: cross-entropy over the step's classes + load balancing (lb_weight) + anchoring (anchor).
 
+Variants (issue 14, each an option measured in benchmarks/RESULTS.md):
+- router_input=frozen: c is the frozen CLIP feature f(x) (the one matching reads, D wide) instead of
+  the block's adapted CLS token, so an old image is routed by what it looked like to the original
+  model forever, not by a token that the experts trained since have moved.
+- anchor_w: with router_input=frozen, W is anchored as U is, on data-free rows in the same space:
+  the prototypes t'_c of the old classes (CLIP's joint space holds images and text alike).
+
 Options (`--opt k=v`, declared in `Mage.Options`; `uniil methods show mage`): the ablations
 no_attributes (z = 0: a shared-router MoE), attr_kind (class|domain|both), attr_topk, no_selector,
 beta (0: plain prototypes), and the model's num_experts, top_k, tau, router_init, anchor, ...
@@ -31,12 +38,15 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ...errors import UserError
 from ..adapters import RoutingContext, noisy_logits
 from .base import Batch, StepData, opt, register_method
 from .mage_attributes import KINDS, AttributeMatcher, ConfidenceHistogram
 from .moe_common import MoEMethod, summed_over_ranks
 
 log = logging.getLogger(__name__)
+
+ROUTER_INPUTS = ("adapted", "frozen")
 
 
 @register_method("mage")
@@ -56,6 +66,15 @@ class Mage(MoEMethod):
         anchor: float = opt(1.0, "weight lambda of attribute anchoring of the router", minimum=0)
         selector_quantile: float = opt(0.05, "selector threshold theta: this quantile of training images' "
                                        "attribute confidence", fraction=True)
+        router_input: str = opt("adapted", "what W reads: each block's adapted CLS token (adapted) or the "
+                                           "frozen CLIP feature of the image (frozen)", choices=ROUTER_INPUTS)
+        anchor_w: bool = opt(False, "anchor W too, on the old classes' prototypes (needs router_input=frozen)")
+
+        def check(self) -> None:
+            super().check()
+            if self.anchor_w and self.router_input != "frozen":
+                raise UserError("--opt anchor_w=true needs --opt router_input=frozen: W is anchored on prototypes, "
+                                "which live in the frozen feature space, not in the blocks' token space")
 
     needs_pool = True
 
@@ -64,16 +83,19 @@ class Mage(MoEMethod):
         o = self.opts
         self.text = text.clone()  # prototypes are enriched in place
         self.matcher = AttributeMatcher(self.context.pool, o.attr_kind, o.attr_topk, o.tau)
-        L, d, E, zdim = self.adapters.num_layers, self.adapters.width, self.num_experts, 2 * self.matcher.dim
+        L, E, zdim = self.adapters.num_layers, self.num_experts, 2 * self.matcher.dim
+        d = self.matcher.dim if o.router_input == "frozen" else self.adapters.width
         self.w = nn.Parameter(torch.zeros(L, d, E))
         self.w_noise = nn.Parameter(torch.zeros(L, d, E))
         self.u = nn.Parameter(torch.randn(L, zdim, E) * o.router_init)
         self.register_buffer("u_old", torch.zeros(L, zdim, E))
+        self.register_buffer("w_old", torch.zeros(L, d, E))
         self.register_buffer("confidence", ConfidenceHistogram.empty())
         self.register_buffer("theta", torch.tensor(float("-inf")))
         self._plain_text = None
         self._steps: dict[int, tuple[set[str], list[tuple[str, str]], list[tuple[int, str]]]] = {}
         self._anchors = torch.zeros(0, zdim)
+        self._w_anchors = torch.zeros(0, self.matcher.dim)
         self._eval_on: list[torch.Tensor] = []
         self._stats: dict = {}
 
@@ -91,6 +113,8 @@ class Mage(MoEMethod):
         old_pairs = list(dict.fromkeys(p for s in self._steps if s < t for p in self._steps[s][1]))
         self._anchors = self.matcher.anchor_rows(old_pairs)
         self._enrich_prototypes(t)
+        old_classes = sorted({g for s in self._steps if s < t for g, _ in self._steps[s][2]})
+        self._w_anchors = self.text[old_classes].float().to(self._device)
         self._begin_experts()
         self._eval_on = []
 
@@ -107,6 +131,7 @@ class Mage(MoEMethod):
     def end_step(self, t: int, data: StepData) -> None:
         self._end_experts()
         self.u_old.copy_(self.u.detach())
+        self.w_old.copy_(self.w.detach())
         feats = self.frozen_features.of_source(data.train_source).to(self._device)
         smax, top = [], ([], [])
         with torch.no_grad():
@@ -126,39 +151,47 @@ class Mage(MoEMethod):
                                        for k, ids in zip(("class", "domain"), top)}}
 
     # -- routing --------------------------------------------------------------------------------
-    def _attributes(self, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
-        z, smax, _ = self.matcher.match(self.frozen_features(batch))
+    def _attributes(self, batch: Batch) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        frozen = self.frozen_features(batch)
+        z, smax, _ = self.matcher.match(frozen)
         if self.opts.no_attributes:
             z = torch.zeros_like(z)
-        return z, smax
+        return z, smax, frozen
 
-    def _router(self, z: torch.Tensor):
+    def _router(self, z: torch.Tensor, frozen: torch.Tensor):
         def route(layer: int, cls: torch.Tensor) -> torch.Tensor:
-            clean = cls @ self.w[layer] + z.to(cls.dtype) @ self.u[layer]
-            return noisy_logits(clean.float(), (cls @ self.w_noise[layer]).float(), self.training)
+            c = frozen.to(cls.dtype) if self.opts.router_input == "frozen" else cls
+            clean = c @ self.w[layer] + z.to(cls.dtype) @ self.u[layer]
+            return noisy_logits(clean.float(), (c @ self.w_noise[layer]).float(), self.training)
         return route
 
     def _anchoring(self) -> torch.Tensor:
-        if self.opts.anchor <= 0 or self.opts.no_attributes or not len(self._anchors):
-            return torch.zeros((), device=self._device)
-        moved = torch.einsum("kz,lze->lke", self._anchors, self.u - self.u_old)
-        return self.opts.anchor * moved.pow(2).sum(-1).mean()
+        loss = torch.zeros((), device=self._device)
+        if self.opts.anchor <= 0:
+            return loss
+        if not self.opts.no_attributes and len(self._anchors):
+            moved = torch.einsum("kz,lze->lke", self._anchors, self.u - self.u_old)
+            loss = loss + moved.pow(2).sum(-1).mean()
+        if self.opts.anchor_w and len(self._w_anchors):
+            moved = torch.einsum("kd,lde->lke", self._w_anchors, self.w - self.w_old)
+            loss = loss + moved.pow(2).sum(-1).mean()
+        return self.opts.anchor * loss
 
     def forward(self, batch: Batch, data: StepData) -> torch.Tensor:
-        z, _ = self._attributes(batch)
-        ctx = RoutingContext(self._router(z), self.top_k)
+        z, _, frozen = self._attributes(batch)
+        ctx = RoutingContext(self._router(z, frozen), self.top_k)
         feats = self._route(batch, ctx)
         return (self.classification_loss(feats, batch, data, self.opts.label_smoothing) + self._balance(ctx)
                 + self._anchoring())
 
     def encode(self, batch: Batch) -> torch.Tensor:
-        z, smax = self._attributes(batch)
+        z, smax, frozen = self._attributes(batch)
         mask = None
         if not self.training and not self.opts.no_selector:
             on = smax >= self.theta
             self._eval_on.append(on)
             mask = on.float()
-        return self._route(batch, RoutingContext(self._router(z), self.top_k, sample_mask=mask))
+        return self._route(batch, RoutingContext(self._router(z, frozen), self.top_k, sample_mask=mask))
 
     # -- records --------------------------------------------------------------------------------
     def statistics(self) -> dict:
