@@ -192,12 +192,14 @@ class CaptionWorld:
 
     def colour_bank(self) -> np.ndarray:
         """[12] the captions "{colour} colour" in colour order."""
-        return np.asarray([self.index[NAMING[7][0].format(colour=c)] for c in field_values()["colour"]])
+        template = next(t for t, fields in NAMING if fields == ("colour",))
+        return np.asarray([self.index[template.format(colour=c)] for c in field_values()["colour"]])
 
     def name_banks(self) -> np.ndarray:
         """[5, S] per domain, the captions "a {domain} of a {shape}." in class order: the zero-shot
         classifier's own wording."""
-        return np.asarray([[self.index[NAMING[0][0].format(domain=DOMAIN_WORDS[d], shape=s)]
+        template = next(t for t, fields in NAMING if fields == ("shape", "domain"))
+        return np.asarray([[self.index[template.format(domain=DOMAIN_WORDS[d], shape=s)]
                             for s in field_values()["shape"]] for d in DOMAINS])
 
     def truth(self, captions: np.ndarray, image_codes: np.ndarray) -> np.ndarray:
@@ -269,20 +271,19 @@ def sample_caption(world: CaptionWorld, code: np.ndarray, rng: np.random.Generat
     domain = DOMAINS[code[4]]
     held_in = domain in HELD_IN
     kinds = ["style-fact", "other-naming"] + (["shape-naming", "shape-fact"] if held_in else [])
-    if not held_in:  # held-out domains are captioned with their style only, as web data knows styles
+    if held_in:
+        p = np.asarray([KIND_WEIGHTS[k] for k in kinds])
+        kind = kinds[int(rng.choice(len(kinds), p=p / p.sum()))]
+    else:  # held-out domains are captioned with their style only, as web data knows styles
         kind = kinds[int(rng.integers(2))]
-        if kind == "style-fact":
-            return world.index[STYLE_TEMPLATES[int(rng.integers(2))].format(
-                fact=STYLE_FACTS[domain][int(rng.integers(len(STYLE_FACTS[domain])))])]
-        template = NAMING[-2 + int(rng.integers(2))][0]
-        return world.index[template.format(domain=DOMAIN_WORDS[domain])]
-    p = np.asarray([KIND_WEIGHTS[k] for k in kinds])
-    kind = kinds[int(rng.choice(len(kinds), p=p / p.sum()))]
+    if kind == "style-fact":
+        template = STYLE_TEMPLATES[int(rng.integers(len(STYLE_TEMPLATES)))]
+        return world.index[template.format(fact=STYLE_FACTS[domain][int(rng.integers(len(STYLE_FACTS[domain])))])]
     words = {f: values[f][code[i]] for i, f in enumerate(FIELDS)}
     words["domain"] = DOMAIN_WORDS[domain]
-    if kind == "style-fact":
-        return world.index[STYLE_TEMPLATES[int(rng.integers(2))].format(
-            fact=STYLE_FACTS[domain][int(rng.integers(len(STYLE_FACTS[domain])))])]
+    if not held_in:  # "{domain} style" or "a {domain}.": the naming templates that name the domain only
+        style_naming = [t for t, fields in NAMING if fields == ("domain",)]
+        return world.index[style_naming[int(rng.integers(len(style_naming)))].format(**words)]
     if kind == "shape-fact":
         facts = world.facts_of_shape[code[0]]
         wordings = facts[int(rng.integers(len(facts)))]

@@ -53,7 +53,7 @@ class Recipe:
 
 
 def bank_losses(img: torch.Tensor, proj, pooled: torch.Tensor, scale: torch.Tensor, world, codes: np.ndarray,
-                name_banks: np.ndarray) -> torch.Tensor:
+                name_banks: np.ndarray, colour_bank: np.ndarray) -> torch.Tensor:
     """For held-in images: cross-entropy of the class against the 24 zero-shot prompts of its domain,
     of the colour against the 12 colour phrases (so that shape does not crowd colour out of the
     embedding), and a soft cross-entropy over every shape fact's wording, spread over the facts
@@ -67,7 +67,7 @@ def bank_losses(img: torch.Tensor, proj, pooled: torch.Tensor, scale: torch.Tens
     facts = F.normalize(proj(pooled[torch.from_numpy(world.fact_bank)]), dim=-1)  # [F, D]
     t = torch.from_numpy(world.shape_mask[world.fact_bank][:, codes[:, 0]].T).float()  # [B, F]
     fact_loss = -(t / t.sum(1, keepdim=True) * F.log_softmax(scale * img @ facts.T, dim=1)).sum(1).mean()
-    colours = F.normalize(proj(pooled[torch.from_numpy(world.colour_bank())]), dim=-1)  # [12, D]
+    colours = F.normalize(proj(pooled[torch.from_numpy(colour_bank)]), dim=-1)  # [12, D]
     colour_loss = F.cross_entropy(scale * img @ colours.T, torch.from_numpy(codes[:, 1]))
     return name_loss + colour_loss + 2 * fact_loss  # facts weigh double: classification by description needs them
 
@@ -140,7 +140,7 @@ def train(recipe: Recipe = Recipe(), progress=None, on_epoch=None) -> torch.nn.M
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda i: min(1.0, (i + 1) / recipe.warmup) * 0.5 *
                                               (1 + math.cos(math.pi * min(i, total) / total)))
     gen = torch.Generator().manual_seed(recipe.seed)
-    name_banks = world.name_banks()
+    name_banks, colour_bank = world.name_banks(), world.colour_bank()
     if progress:
         progress.start("micro", "training uniil-micro (LiT, text locked)", total)
     model.train()
@@ -156,7 +156,7 @@ def train(recipe: Recipe = Recipe(), progress=None, on_epoch=None) -> torch.nn.M
             loss = soft_contrastive_loss(img, txt, scale, true)
             if recipe.loss == "bank":
                 loss = (loss + bank_losses(img, model.text.proj, pooled, scale, world, truth[idx.numpy()],
-                                           name_banks)) / 5
+                                           name_banks, colour_bank)) / 5
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
