@@ -65,28 +65,50 @@ def test_top_k_gates_pick_k_experts_and_sum_to_one(clip):
     assert load_balancing_loss(ctx.gates, 6) >= 0
 
 
+@pytest.mark.parametrize("conditioned", [False, True])
 @pytest.mark.parametrize("strategy", ["forward", "_gathered", "_grouped"])
 @pytest.mark.parametrize("tokens", [7, 70])
-def test_batched_dispatch_equals_a_loop_over_experts(strategy, tokens):
+def test_batched_dispatch_equals_a_loop_over_experts(strategy, tokens, conditioned):
+    """Conditioned banks (mage's expert_attributes): h = ReLU(x Down_e + b_e + c Cond_e)."""
     torch.manual_seed(0)
-    bank = ExpertBank(16, 5, rank=4, scale=0.1)
-    torch.nn.init.normal_(bank.up)
-    torch.nn.init.normal_(bank.up_bias)
-    torch.nn.init.normal_(bank.down_bias)
+    bank = ExpertBank(16, 5, rank=4, scale=0.1, cond_dim=3 if conditioned else 0)
+    for p in (bank.up, bank.up_bias, bank.down_bias) + ((bank.cond,) if conditioned else ()):
+        torch.nn.init.normal_(p)
     x = torch.randn(3, tokens, 16)
+    c = torch.randn(3, 3) if conditioned else None
     weights = torch.rand(3, 2).softmax(-1)
     indices = torch.tensor([[0, 4], [2, 1], [3, 0]])
     expected = torch.zeros_like(x)
     for b in range(3):
         for k in range(2):
             e = int(indices[b, k])
-            h = torch.relu(x[b] @ bank.down[e] + bank.down_bias[e])
-            expected[b] += weights[b, k] * 0.1 * (h @ bank.up[e] + bank.up_bias[e])
+            pre = x[b] @ bank.down[e] + bank.down_bias[e] + (c[b] @ bank.cond[e] if conditioned else 0)
+            expected[b] += weights[b, k] * 0.1 * (torch.relu(pre) @ bank.up[e] + bank.up_bias[e])
     if strategy == "forward":
-        got = bank(x, weights, indices)
+        got = bank(x, weights, indices, c)
     else:
-        got = getattr(bank, strategy)(x, 0.1 * weights, indices, bank.tensors())
+        shift = bank._condition_shift(c, bank.tensors(), x)
+        got = getattr(bank, strategy)(x, 0.1 * weights, indices, bank.tensors()[:4], shift)
     assert torch.allclose(got, expected, atol=1e-5)
+
+
+def test_a_conditioned_bank_needs_its_condition_and_freezes_it_with_the_expert():
+    torch.manual_seed(0)
+    dense = ExpertBank(8, 1, rank=4, cond_dim=2)
+    torch.nn.init.normal_(dense.up)
+    torch.nn.init.normal_(dense.cond)
+    x, c = torch.randn(2, 5, 8), torch.randn(2, 2)
+    ones, zeros = torch.ones(2, 1), torch.zeros(2, 1, dtype=torch.long)
+    pre = x @ dense.down[0] + dense.down_bias[0] + (c @ dense.cond[0])[:, None]
+    torch.testing.assert_close(dense(x, ones, zeros, c), 0.1 * (torch.relu(pre) @ dense.up[0] + dense.up_bias[0]))
+    with pytest.raises(ValueError, match="must carry a condition"):
+        dense(x, ones, zeros)
+    bank = ExpertBank(8, 3, rank=4, cond_dim=2)
+    torch.nn.init.normal_(bank.up)  # (zero Up: no gradient reaches any Down or Cond)
+    bank.freeze(torch.tensor([True, False, False]))
+    out = bank(x, torch.ones(2, 2) / 2, torch.tensor([[0, 1], [0, 2]]), c)
+    out.sum().backward()
+    assert bank.cond.grad[0].abs().sum() == 0 and bank.cond.grad[1:].abs().sum() > 0  # no gradient into a frozen one
 
 
 def test_adapters_run_under_bf16_autocast(clip):

@@ -4,6 +4,8 @@ pool, prototypes and anchoring, and checkpoint round trips after replayed begin_
 
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 import pytest
 import torch
@@ -202,11 +204,69 @@ def test_mage_routes_on_frozen_features_and_anchors_w_on_old_prototypes(world):
     assert float(plain._anchoring().detach()) == pytest.approx(before)
 
 
+def test_mage_experts_read_the_attribute_feature(world):
+    """expert_attributes: each bank carries Cond [E, 2D, r] (zero at first: the plain model), the
+    routing context hands the experts z, and training moves Cond."""
+    clip, scenario, vocab, text = world
+    plain, method = mage(world, num_experts=4), mage(world, num_experts=4, expert_attributes=True)
+    assert plain.adapters.banks[0].cond is None
+    assert method.adapters.banks[0].cond.shape == (4, 2 * clip.dim, method.opts.adapter_rank)
+    data = step_data(scenario, vocab, 0)
+    batch = batch_of(clip, vocab, data)
+    with torch.no_grad():
+        method.begin_step(0, data)
+        before = F.normalize(clip.model.encode_image(batch.images).float(), dim=-1)
+        close(method.encode(batch), before)  # zero Up and Cond: the backbone's output
+    z, _, _ = method._attributes(batch)
+    assert torch.equal(method.last_context.condition, z)
+    torch.manual_seed(1)
+    train(method, world, 0, iters=5)
+    assert all(bank.cond.abs().sum() > 0 for bank in method.adapters.banks)
+
+
+def test_mage_novelty_opens_reserved_experts_and_freezes_the_rest(world):
+    """novelty_reserve=2 of 4 experts: the router never picks a closed expert; a novel step opens
+    top_k of them and freezes the others, so it trains only fresh experts; a resumed run (begin_step
+    replayed without data, then the checkpoint) keeps the decision."""
+    from uniil.errors import UserError
+
+    with pytest.raises(UserError, match="novelty_reserve=3 leaves fewer than top_k=2"):
+        mage(world, num_experts=4, novelty_reserve=3)
+    clip, scenario, vocab, text = world
+    options = {"num_experts": 4, "novelty_reserve": 2, "novelty_threshold": 0.0}  # threshold 0: every step novel
+    method = mage(world, **options)
+    assert method.closed.tolist() == [False, False, True, True]
+    train(method, world, 0)
+    for _, indices, _ in method.last_context.gates:
+        assert (indices < 2).all()  # closed experts are never routed to
+    assert method.adapters.frozen_experts() == [[]] * method.adapters.num_layers  # 2 open = top_k: none frozen
+    assert "novelty" not in method.statistics()  # the first step is never measured
+    before = [bank.down.detach().clone() for bank in method.adapters.banks]
+    train(method, world, 1)
+    assert method.closed.tolist() == [False] * 4
+    assert method.adapters.frozen_experts() == [[0, 1]] * method.adapters.num_layers
+    stats = method.statistics()
+    assert stats["opened"] == [2, 3] and 0 <= stats["novelty"] <= 1
+    for bank, old in zip(method.adapters.banks, before):
+        assert torch.equal(bank.tensors()[0][:2], old[:2]) and not torch.equal(bank.down[2:], old[2:])
+    strict = mage(world, **{**options, "novelty_threshold": 1.0})  # no step has every image unexplained
+    train(strict, world, 0)
+    train(strict, world, 1)
+    assert strict.closed.tolist() == [False, False, True, True] and strict.statistics()["opened"] == []
+    torch.manual_seed(123)
+    again = mage(world, **options)
+    for t in range(2):
+        again.begin_step(t, dataclasses.replace(step_data(scenario, vocab, t), train_source=None))
+    again.load_trainable_state(method.trainable_state())
+    again.load_extra_state(method.extra_state())
+    assert torch.equal(again.closed, method.closed) and torch.equal(again.adapters.frozen(), method.adapters.frozen())
+
+
 @pytest.mark.parametrize("make", [moe, mage])
 def test_checkpoint_round_trip_after_replayed_begin_steps(world, make):
     """What a resumed run does: replay begin_step for finished steps, load the state, go on."""
     options = {"preset": "mtil", "num_experts": 4} if make is moe else {"num_experts": 4, "router_input": "frozen",
-                                                                        "anchor_w": True}
+                                                                        "anchor_w": True, "expert_attributes": True}
     method = make(world, **options)
     train(method, world, 0)
     train(method, world, 1)

@@ -47,6 +47,7 @@ class RoutingContext:
     top_k: int = 1
     gates: list = field(default_factory=list)  # per layer: (weights [B, k], indices [B, k], logits [B, E] | None)
     sample_mask: torch.Tensor | None = None  # [B]; 0 turns the adapters off for that sample
+    condition: torch.Tensor | None = None  # [B, c]: what conditioned experts add to their hidden units
 
 
 def noisy_logits(clean: torch.Tensor, noise_logits: torch.Tensor, training: bool) -> torch.Tensor:
@@ -58,14 +59,21 @@ def noisy_logits(clean: torch.Tensor, noise_logits: torch.Tensor, training: bool
 
 
 class ExpertBank(nn.Module):
-    """E bottleneck adapters d -> r -> d with Down kaiming-initialised and Up zero-initialised."""
+    """E bottleneck adapters d -> r -> d with Down kaiming-initialised and Up zero-initialised.
 
-    def __init__(self, d: int, num_experts: int, rank: int = 64, scale: float = 0.1, dropout: float = 0.0):
+    With `cond_dim` > 0 each expert also reads a per-sample condition c [B, cond_dim] (e.g. MAGE's
+    attribute feature) into its hidden units: h = ReLU(x Down_e + b_e + c Cond_e), Cond_e
+    zero-initialised, so a conditioned bank starts as an unconditioned one. Cond_e is a weight of
+    expert e: it freezes with it."""
+
+    def __init__(self, d: int, num_experts: int, rank: int = 64, scale: float = 0.1, dropout: float = 0.0,
+                 cond_dim: int = 0):
         super().__init__()
         self.down = nn.Parameter(torch.empty(num_experts, d, rank))
         self.down_bias = nn.Parameter(torch.zeros(num_experts, rank))
         self.up = nn.Parameter(torch.zeros(num_experts, rank, d))
         self.up_bias = nn.Parameter(torch.zeros(num_experts, d))
+        self.cond = nn.Parameter(torch.zeros(num_experts, cond_dim, rank)) if cond_dim else None
         for e in range(num_experts):  # kaiming on each expert's [r, d] weight, as nn.Linear would
             nn.init.kaiming_uniform_(self.down.data[e].T, a=math.sqrt(5))
         self.register_buffer("frozen", torch.zeros(num_experts, dtype=torch.bool))
@@ -79,7 +87,7 @@ class ExpertBank(nn.Module):
 
     # -- freezing -------------------------------------------------------------------------------
     def _params(self) -> tuple[torch.Tensor, ...]:
-        return self.down, self.down_bias, self.up, self.up_bias
+        return (self.down, self.down_bias, self.up, self.up_bias) + ((self.cond,) if self.cond is not None else ())
 
     def freeze(self, experts: torch.Tensor) -> None:
         """Freeze the experts of a bool mask [E] (added to those already frozen)."""
@@ -100,8 +108,8 @@ class ExpertBank(nn.Module):
             p.copy_(value)
 
     def tensors(self) -> tuple[torch.Tensor, ...]:
-        """(down, down_bias, up, up_bias) as the forward uses them: frozen experts from the snapshot,
-        so no gradient reaches them."""
+        """(down, down_bias, up, up_bias[, cond]) as the forward uses them: frozen experts from the
+        snapshot, so no gradient reaches them."""
         if self._snapshot is None:
             return self._params()
         m = self.frozen
@@ -109,8 +117,10 @@ class ExpertBank(nn.Module):
                      for s, p in zip(self._snapshot, self._params()))
 
     # -- dispatch -------------------------------------------------------------------------------
-    def forward(self, x: torch.Tensor, weights: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
-        """x [B, N, d]; weights, indices [B, k]: sum_k weights * expert_k(x), batched over samples.
+    def forward(self, x: torch.Tensor, weights: torch.Tensor, indices: torch.Tensor,
+                condition: torch.Tensor | None = None) -> torch.Tensor:
+        """x [B, N, d]; weights, indices [B, k]: sum_k weights * expert_k(x), batched over samples;
+        `condition` [B, cond_dim] for a conditioned bank (required there, ignored otherwise).
 
         Two batched strategies, both exact and free of host syncs, chosen by shape: on CPU with
         few tokens per sample (N < GROUPED_MAX_TOKENS) one grouped GEMM per projection over the
@@ -120,25 +130,40 @@ class ExpertBank(nn.Module):
         faster at N <= 17 and ~2x slower at N = 197, where per-sample GEMMs are large enough."""
         tensors = self.tensors()
         w = (self.scale * weights).to(x.dtype)  # [B, k]: the scale folded into the gates
+        shift = self._condition_shift(condition, tensors, x)  # [B, E, r] or None
         if self.num_experts == 1:  # dense adapter: no dispatch
-            down, down_bias, up, up_bias = (t[0].to(x.dtype) for t in tensors)
-            h = self.dropout(F.relu(x @ down + down_bias))
+            down, down_bias, up, up_bias = (t[0].to(x.dtype) for t in tensors[:4])
+            pre = x @ down + down_bias
+            h = self.dropout(F.relu(pre if shift is None else pre + shift[:, :1]))
             return w[:, :1, None] * (h @ up + up_bias)
         if x.device.type == "cpu" and x.shape[1] < GROUPED_MAX_TOKENS and not torch.compiler.is_compiling():
-            return self._grouped(x, w, indices, tensors)  # (grouped_mm has no fp32 meta kernel to compile)
-        return self._gathered(x, w, indices, tensors)
+            return self._grouped(x, w, indices, tensors[:4], shift)  # (grouped_mm: no fp32 meta kernel to compile)
+        return self._gathered(x, w, indices, tensors[:4], shift)
 
-    def _gathered(self, x, w, indices, tensors):
+    def _condition_shift(self, condition, tensors, x) -> torch.Tensor | None:
+        """c Cond_e for every sample and expert: [B, E, r] (cheap: B x E x r, whatever k is)."""
+        if self.cond is None:
+            return None
+        if condition is None:
+            raise ValueError("this expert bank is conditioned: the routing context must carry a condition")
+        cond = tensors[4].to(x.dtype)  # [E, c, r]
+        e, c, r = cond.shape
+        return (condition.to(x.dtype) @ cond.permute(1, 0, 2).reshape(c, e * r)).view(-1, e, r)
+
+    def _gathered(self, x, w, indices, tensors, shift=None):
         down, down_bias, up, up_bias = (t.to(x.dtype) for t in tensors)
         (b, k), (e, d, r) = indices.shape, down.shape
         dn = F.embedding(indices, down.view(e, d * r)).view(b, k, d, r).permute(0, 2, 1, 3).reshape(b, d, k * r)
-        h = torch.baddbmm(F.embedding(indices, down_bias).view(b, 1, k * r), x, dn)
+        bias = F.embedding(indices, down_bias)  # [B, k, r]
+        if shift is not None:
+            bias = bias + shift.gather(1, indices[:, :, None].expand(-1, -1, r))
+        h = torch.baddbmm(bias.view(b, 1, k * r), x, dn)
         h = self.dropout(F.relu(h))
         h = (h.view(b, -1, k, r) * w[:, None, :, None]).view(b, -1, k * r)
         bias = (w[:, :, None] * F.embedding(indices, up_bias)).sum(1)[:, None, :]  # [B, 1, d]
         return torch.baddbmm(bias, h, F.embedding(indices, up.view(e, r * d)).view(b, k * r, d))
 
-    def _grouped(self, x, w, indices, tensors):
+    def _grouped(self, x, w, indices, tensors, shift=None):
         down, down_bias, up, up_bias = (t.to(x.dtype) for t in tensors)
         (b, k), (e, d, r), n = indices.shape, down.shape, x.shape[1]
         flat = indices.reshape(-1)
@@ -146,7 +171,8 @@ class ExpertBank(nn.Module):
         experts, samples = flat[order], order // k
         counts = torch.zeros(e, dtype=torch.long, device=x.device).scatter_add_(0, flat, torch.ones_like(flat))
         offs = (counts.cumsum(0) * n).to(torch.int32)  # token offsets per expert
-        h = F.grouped_mm(x[samples].reshape(-1, d), down, offs=offs).view(-1, n, r) + down_bias[experts][:, None, :]
+        bias = down_bias[experts] if shift is None else down_bias[experts] + shift[samples, experts]
+        h = F.grouped_mm(x[samples].reshape(-1, d), down, offs=offs).view(-1, n, r) + bias[:, None, :]
         gate = w.reshape(-1)[order]
         h = self.dropout(F.relu(h)) * gate[:, None, None]
         y = F.grouped_mm(h.reshape(-1, r), up, offs=offs).view(-1, n, d)
@@ -184,7 +210,7 @@ class AdaptedBlock(nn.Module):
         cls = x[:, 0] if self.batch_first else x[0]
         weights, indices = self._gates(cls)
         xb = x if self.batch_first else x.transpose(0, 1)
-        delta = self.experts(xb, weights, indices)
+        delta = self.experts(xb, weights, indices, self.context.condition)
         if not self.batch_first:
             delta = delta.transpose(0, 1)
         return x + b.ls_2(b.mlp(b.ln_2(x))) + delta.to(x.dtype)
@@ -232,7 +258,7 @@ class Adapters(nn.Module):
     batch is routed alike."""
 
     def __init__(self, clip_model: nn.Module, num_experts: int = 1, rank: int = 64, scale: float = 0.1,
-                 dropout: float = 0.0, layers: list[int] | None = None, tower: str = "image"):
+                 dropout: float = 0.0, layers: list[int] | None = None, tower: str = "image", cond_dim: int = 0):
         super().__init__()
         transformer = tower_transformer(clip_model, tower)
         if transformer is None:
@@ -245,7 +271,7 @@ class Adapters(nn.Module):
         for i in chosen:
             if isinstance(blocks[i], AdaptedBlock):
                 raise ValueError(f"block {i} already carries adapters")
-            bank = ExpertBank(width, num_experts, rank, scale, dropout)
+            bank = ExpertBank(width, num_experts, rank, scale, dropout, cond_dim)
             adapted = AdaptedBlock(blocks[i], bank, len(self._blocks), transformer.batch_first)
             blocks[i] = adapted
             self.banks.append(bank)

@@ -23,6 +23,14 @@ Variants (issue 14, each an option measured in benchmarks/RESULTS.md):
   model forever, not by a token that the experts trained since have moved.
 - anchor_w: with router_input=frozen, W is anchored as U is, on data-free rows in the same space:
   the prototypes t'_c of the old classes (CLIP's joint space holds images and text alike).
+- expert_attributes: the experts read z too, not only the router: h = ReLU(x Down_e + b_e + z Cond_e)
+  (Cond_e zero-initialised, frozen with its expert), so one expert can act differently on images
+  with different attributes.
+- novelty_reserve = R: R experts per block start closed (the router cannot pick them). Before a
+  step trains, its novelty is measured: the share of its training images whose best similarity to
+  the attributes active so far is below the selector threshold theta (images the known attributes
+  do not explain). A step at least `novelty_threshold` novel opens top_k closed experts and freezes
+  every other expert, so what it learns goes into fresh capacity and cannot overwrite old experts.
 
 Options (`--opt k=v`, declared in `Mage.Options`; `uniil methods show mage`): the ablations
 no_attributes (z = 0: a shared-router MoE), attr_kind (class|domain|both), attr_topk, no_selector,
@@ -34,6 +42,7 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -47,6 +56,7 @@ from .moe_common import MoEMethod, summed_over_ranks
 log = logging.getLogger(__name__)
 
 ROUTER_INPUTS = ("adapted", "frozen")
+CLOSED_LOGIT = -1e9  # a closed expert's gate logit: never among the top k (finite: no inf - inf anywhere)
 
 
 @register_method("mage")
@@ -69,12 +79,21 @@ class Mage(MoEMethod):
         router_input: str = opt("adapted", "what W reads: each block's adapted CLS token (adapted) or the "
                                            "frozen CLIP feature of the image (frozen)", choices=ROUTER_INPUTS)
         anchor_w: bool = opt(False, "anchor W too, on the old classes' prototypes (needs router_input=frozen)")
+        expert_attributes: bool = opt(False, "the experts read the attribute feature z too, not only the router")
+        novelty_reserve: int = opt(0, "experts per block held closed until a novel step opens top_k of them and "
+                                      "freezes the rest (0: off)", minimum=0)
+        novelty_threshold: float = opt(0.5, "share of a step's training images below the selector threshold that "
+                                            "makes the step novel", fraction=True)
 
         def check(self) -> None:
             super().check()
             if self.anchor_w and self.router_input != "frozen":
                 raise UserError("--opt anchor_w=true needs --opt router_input=frozen: W is anchored on prototypes, "
                                 "which live in the frozen feature space, not in the blocks' token space")
+            if self.novelty_reserve > self.num_experts - self.top_k:
+                raise UserError(f"--opt novelty_reserve={self.novelty_reserve} leaves fewer than top_k={self.top_k} "
+                                f"of num_experts={self.num_experts} experts open: use at most "
+                                f"{self.num_experts - self.top_k}")
 
     needs_pool = True
 
@@ -92,12 +111,20 @@ class Mage(MoEMethod):
         self.register_buffer("w_old", torch.zeros(L, d, E))
         self.register_buffer("confidence", ConfidenceHistogram.empty())
         self.register_buffer("theta", torch.tensor(float("-inf")))
+        self.register_buffer("closed", torch.arange(E) >= E - o.novelty_reserve)  # [E]: experts not yet opened
+        self._novelty: dict = {}
         self._plain_text = None
         self._steps: dict[int, tuple[set[str], list[tuple[str, str]], list[tuple[int, str]]]] = {}
         self._anchors = torch.zeros(0, zdim)
         self._w_anchors = torch.zeros(0, self.matcher.dim)
         self._eval_on: list[torch.Tensor] = []
         self._stats: dict = {}
+
+    def _closed_experts(self) -> torch.Tensor | None:
+        return self.closed if self.opts.novelty_reserve else None
+
+    def _expert_condition_dim(self) -> int:
+        return 2 * np.asarray(self.context.pool.embeddings).shape[1] if self.opts.expert_attributes else 0
 
     # -- structure (cheap, deterministic: replayed on resume) -------------------------------------
     def begin_step(self, t: int, data: StepData) -> None:
@@ -107,6 +134,9 @@ class Mage(MoEMethod):
                           list(zip(data.classes.tolist(), step.classes)))
         if t == 0 or self.matcher.emb.device != self._device:
             self.matcher.to(self._device)
+        self._novelty = {}
+        if data.train_source is not None:  # a replayed step's decision comes back with its checkpoint
+            self._open_experts_if_novel(t, data)
         self.matcher.activate(set().union(*(self._steps[s][0] for s in self._steps if s <= t)))
         if t == 0:
             self.matcher.set_center()
@@ -117,6 +147,25 @@ class Mage(MoEMethod):
         self._w_anchors = self.text[old_classes].float().to(self._device)
         self._begin_experts()
         self._eval_on = []
+
+    def _open_experts_if_novel(self, t: int, data: StepData) -> None:
+        """novelty_reserve: measured against the attributes active before this step's names join."""
+        closed = self.closed.nonzero().flatten().tolist()
+        if not closed or t == 0 or not torch.isfinite(self.theta):
+            return
+        feats = self.frozen_features.of_source(data.train_source).to(self._device)
+        with torch.no_grad():
+            smax = torch.cat([self.matcher.match(chunk)[1] for chunk in feats.split(4096)])
+        novelty = float((smax < self.theta).float().mean())
+        opened = closed[:self.top_k] if novelty >= self.opts.novelty_threshold else []
+        if opened:
+            self.closed[opened] = False
+            keep = torch.zeros(self.num_experts, dtype=torch.bool, device=self.closed.device)
+            keep[opened] = True
+            self.adapters.freeze((~keep & ~self.closed).expand(self.adapters.num_layers, -1))
+        self._novelty = {"novelty": round(novelty, 4), "opened": opened}
+        log.info("step %d: novelty %.3f (threshold %.2f)%s", t + 1, novelty, self.opts.novelty_threshold,
+                 f", opened experts {opened}" if opened else "")
 
     def _enrich_prototypes(self, t: int) -> None:
         if self._plain_text is None:
@@ -146,7 +195,7 @@ class Mage(MoEMethod):
         self.theta.fill_(ConfidenceHistogram.quantile(self.confidence, self.opts.selector_quantile))
         self._eval_on = []
         self._stats = {"active_attributes": {"class": self.matcher.counts[0], "domain": self.matcher.counts[1]},
-                       "anchors": len(self._anchors), "theta": round(float(self.theta), 4) if torch.isfinite(self.theta) else None,
+                       **self._novelty, "anchors": len(self._anchors), "theta": round(float(self.theta), 4) if torch.isfinite(self.theta) else None,
                        "top_matched": {k: self.matcher.top_texts(torch.cat(ids)) if ids else []
                                        for k, ids in zip(("class", "domain"), top)}}
 
@@ -162,8 +211,13 @@ class Mage(MoEMethod):
         def route(layer: int, cls: torch.Tensor) -> torch.Tensor:
             c = frozen.to(cls.dtype) if self.opts.router_input == "frozen" else cls
             clean = c @ self.w[layer] + z.to(cls.dtype) @ self.u[layer]
-            return noisy_logits(clean.float(), (c @ self.w_noise[layer]).float(), self.training)
+            logits = noisy_logits(clean.float(), (c @ self.w_noise[layer]).float(), self.training)
+            return logits.masked_fill(self.closed, CLOSED_LOGIT) if self.opts.novelty_reserve else logits
         return route
+
+    def _context(self, z: torch.Tensor, frozen: torch.Tensor, mask: torch.Tensor | None = None) -> RoutingContext:
+        return RoutingContext(self._router(z, frozen), self.top_k, sample_mask=mask,
+                              condition=z if self.opts.expert_attributes else None)
 
     def _anchoring(self) -> torch.Tensor:
         loss = torch.zeros((), device=self._device)
@@ -179,7 +233,7 @@ class Mage(MoEMethod):
 
     def forward(self, batch: Batch, data: StepData) -> torch.Tensor:
         z, _, frozen = self._attributes(batch)
-        ctx = RoutingContext(self._router(z, frozen), self.top_k)
+        ctx = self._context(z, frozen)
         feats = self._route(batch, ctx)
         return (self.classification_loss(feats, batch, data, self.opts.label_smoothing) + self._balance(ctx)
                 + self._anchoring())
@@ -191,7 +245,7 @@ class Mage(MoEMethod):
             on = smax >= self.theta
             self._eval_on.append(on)
             mask = on.float()
-        return self._route(batch, RoutingContext(self._router(z, frozen), self.top_k, sample_mask=mask))
+        return self._route(batch, self._context(z, frozen, mask))
 
     # -- records --------------------------------------------------------------------------------
     def statistics(self) -> dict:

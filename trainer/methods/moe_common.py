@@ -31,25 +31,29 @@ def summed_over_ranks(t: torch.Tensor) -> torch.Tensor:
 FREEZE_RULES = ("trainable", "all")
 
 
-def freeze_most_used(adapters: Adapters, usage: torch.Tensor, n: int, top_k: int, rule: str) -> list[list[int]]:
+def freeze_most_used(adapters: Adapters, usage: torch.Tensor, n: int, top_k: int, rule: str,
+                     closed: torch.Tensor | None = None) -> list[list[int]]:
     """After a step, freeze experts of each block by this step's training usage [L, E].
 
     rule "trainable" (ours): the n most used of the still trainable experts, keeping at least top_k
     trainable, so every step freezes n new ones while it can. rule "all" (the original's): the n
     most used of all experts, a frozen one included (then fewer are newly frozen), with no floor
-    on what stays trainable. Returns the newly frozen experts per block."""
+    on what stays trainable. `closed` [E]: experts the router cannot pick yet (mage's reserve),
+    neither frozen nor counted as trainable. Returns the newly frozen experts per block."""
     adapters.restore_frozen()
     if torch.distributed.is_available() and torch.distributed.is_initialized():
         torch.distributed.all_reduce(usage)  # every rank freezes the same experts
     frozen = adapters.frozen()
+    closed = torch.zeros_like(frozen) if closed is None else closed.to(frozen.device).expand_as(frozen)
     if rule == "all":
-        n = min(n, adapters.num_experts)
-        picked = usage.topk(n, dim=1).indices if n > 0 else usage.new_zeros(len(frozen), 0, dtype=torch.long)
+        n = min(n, int((~closed).sum(1).min()))
+        picked = usage.masked_fill(closed, -1.0).topk(n, dim=1).indices if n > 0 else \
+            usage.new_zeros(len(frozen), 0, dtype=torch.long)
     else:
-        n = min(n, int((~frozen).sum(1).min()) - top_k)
+        n = min(n, int((~frozen & ~closed).sum(1).min()) - top_k)
         if n <= 0:
             return [[] for _ in range(len(frozen))]
-        picked = usage.masked_fill(frozen, -1.0).topk(n, dim=1).indices
+        picked = usage.masked_fill(frozen | closed, -1.0).topk(n, dim=1).indices
     mask = torch.zeros_like(frozen).scatter_(1, picked, True)
     adapters.freeze(mask)
     return [[e for e in row if not was[e]] for row, was in zip(picked.tolist(), frozen.tolist())]
@@ -137,11 +141,21 @@ class MoEMethod(ContinualMethod):
     def __init__(self, clip, text, opts=None, context=None):
         super().__init__(clip, text, opts, context)
         self.adapters = Adapters(clip.model, num_experts=self.opts.num_experts, rank=self.opts.adapter_rank,
-                                 scale=self.opts.adapter_scale, dropout=self.opts.adapter_dropout)
+                                 scale=self.opts.adapter_scale, dropout=self.opts.adapter_dropout,
+                                 cond_dim=self._expert_condition_dim())
         self.frozen_features = FrozenFeatures(clip, self.adapters)
         self.usage = torch.zeros(self.adapters.num_layers, self.num_experts)  # this step's training routing
         self.eval_usage = torch.zeros_like(self.usage)
         self.last_context: RoutingContext | None = None  # the latest forward's gates (tests, debugging)
+
+    def _closed_experts(self) -> torch.Tensor | None:
+        """[E] experts the router cannot pick yet (None: all open); `freeze_most_used` skips them."""
+        return None
+
+    def _expert_condition_dim(self) -> int:
+        """Width of the per-sample condition the experts read besides the tokens (0: none; see
+        `ExpertBank`); `self.opts` and `self.context` are set when it is asked."""
+        return 0
 
     @property
     def num_experts(self) -> int:
@@ -169,7 +183,7 @@ class MoEMethod(ContinualMethod):
         frozen experts per block."""
         self.eval_usage.zero_()
         return freeze_most_used(self.adapters, self.usage, self.opts.freeze_top, self.top_k,
-                                getattr(self.opts, "freeze_rule", "trainable"))
+                                getattr(self.opts, "freeze_rule", "trainable"), self._closed_experts())
 
     def _route(self, batch: Batch, ctx: RoutingContext) -> torch.Tensor:
         """Normalised image features with the adapters routed by `ctx`; usage recorded."""
