@@ -82,7 +82,7 @@ class Mage(MoEMethod):
         expert_attributes: bool = opt(False, "the experts read the attribute feature z too, not only the router")
         novelty_reserve: int = opt(0, "experts per block held closed until a novel step opens top_k of them and "
                                       "freezes the rest (0: off)", minimum=0)
-        novelty_threshold: float = opt(0.5, "share of a step's training images below the selector threshold that "
+        novelty_threshold: float = opt(0.1, "share of a step's training images below the selector threshold that "
                                             "makes the step novel", fraction=True)
 
         def check(self) -> None:
