@@ -234,6 +234,7 @@ def test_mage_novelty_opens_reserved_experts_and_freezes_the_rest(world):
         mage(world, num_experts=4, novelty_reserve=3)
     clip, scenario, vocab, text = world
     options = {"num_experts": 4, "novelty_reserve": 2, "novelty_threshold": 0.0}  # threshold 0: every step novel
+    assert "closed" not in mage(world, num_experts=4).trainable_state()  # without a reserve: checkpoints as before
     method = mage(world, **options)
     assert method.closed.tolist() == [False, False, True, True]
     train(method, world, 0)

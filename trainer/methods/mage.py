@@ -111,7 +111,11 @@ class Mage(MoEMethod):
         self.register_buffer("w_old", torch.zeros(L, d, E))
         self.register_buffer("confidence", ConfidenceHistogram.empty())
         self.register_buffer("theta", torch.tensor(float("-inf")))
-        self.register_buffer("closed", torch.arange(E) >= E - o.novelty_reserve)  # [E]: experts not yet opened
+        # [E]: experts not yet opened; only with a reserve, so other runs' checkpoints keep their keys
+        if o.novelty_reserve:
+            self.register_buffer("closed", torch.arange(E) >= E - o.novelty_reserve)
+        else:
+            self.closed = None
         self._novelty: dict = {}
         self._plain_text = None
         self._steps: dict[int, tuple[set[str], list[tuple[str, str]], list[tuple[int, str]]]] = {}
@@ -121,7 +125,7 @@ class Mage(MoEMethod):
         self._stats: dict = {}
 
     def _closed_experts(self) -> torch.Tensor | None:
-        return self.closed if self.opts.novelty_reserve else None
+        return self.closed
 
     def _expert_condition_dim(self) -> int:
         return 2 * np.asarray(self.context.pool.embeddings).shape[1] if self.opts.expert_attributes else 0
@@ -150,7 +154,7 @@ class Mage(MoEMethod):
 
     def _open_experts_if_novel(self, t: int, data: StepData) -> None:
         """novelty_reserve: measured against the attributes active before this step's names join."""
-        closed = self.closed.nonzero().flatten().tolist()
+        closed = self.closed.nonzero().flatten().tolist() if self.closed is not None else []
         if not closed or t == 0 or not torch.isfinite(self.theta):
             return
         feats = self.frozen_features.of_source(data.train_source).to(self._device)
@@ -212,7 +216,7 @@ class Mage(MoEMethod):
             c = frozen.to(cls.dtype) if self.opts.router_input == "frozen" else cls
             clean = c @ self.w[layer] + z.to(cls.dtype) @ self.u[layer]
             logits = noisy_logits(clean.float(), (c @ self.w_noise[layer]).float(), self.training)
-            return logits.masked_fill(self.closed, CLOSED_LOGIT) if self.opts.novelty_reserve else logits
+            return logits if self.closed is None else logits.masked_fill(self.closed, CLOSED_LOGIT)
         return route
 
     def _context(self, z: torch.Tensor, frozen: torch.Tensor, mask: torch.Tensor | None = None) -> RoutingContext:
