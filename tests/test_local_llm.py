@@ -221,7 +221,8 @@ def test_demo_builds_the_synthetic_pool_offline(cli, tmp_path, monkeypatch):
     # One epoch instead of the demo's two: the same pipeline, half the training (slow machines).
     r = cli("demo", "--workdir", tmp_path / "demo", "--epochs", "1")
     assert r.code == 0, r.err
-    assert "--epochs 1 --train-per-class 100" in r.out
+    config = json.loads((tmp_path / "demo" / "runs" / "mage" / "config.json").read_text())["config"]
+    assert (config["epochs"], config["synthetic_train_per_class"]) == (1, 100)
     s = json.loads(cli("attrs", "stats", "--pool", tmp_path / "demo" / "synthetic.duckdb", "--json").out)
     assert (s["classes"], s["domains"], s["failed_calls"]) == (24 + 10 + 10, 5 + 1 + 1, 0)  # shapes, digits, patterns
     assert "synthetic/test/sketch/0" in r.out  # the match step ran on rendered images
