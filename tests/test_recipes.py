@@ -187,6 +187,29 @@ def test_sweep_chooses_on_validation_and_writes_a_recipe_train_uses(tmp_path, sc
     assert load_recipe(recipe).methods["finetune"] == ft
 
 
+def test_sweep_keeps_the_recipes_earlier_choices_it_does_not_grid(tmp_path, scenario, monkeypatch):
+    """A sweep of one option must not silently drop a method's other chosen options (a sweep of
+    mage's variants once ran with train_vocab=step because the recipe's train_vocab=seen was lost)."""
+    seen = []
+    real = engine.train
+    monkeypatch.setattr(engine, "train", lambda cfg, progress=None, on_step=None:
+                        (seen.append(cfg), real(cfg, progress, on_step))[1])
+    recipe = write(tmp_path / "r.yaml", {
+        "scenario": "short", "about": "by hand", "defaults": {"train_per_class": 5, "test_per_class": 2},
+        "methods": {"finetune": {"lr": 0.02, "options": {"adapter_rank": 4, "train_vocab": "seen"},
+                                 "chosen": "by hand"}}})
+    out = tmp_path / "refined.yaml"
+    r = run_cli("sweep", "--scenario", scenario, "--methods", "finetune", "--lrs", "1e-3",
+                "--grid", "finetune:adapter_rank=8", "--recipe", recipe, "--out", tmp_path / "s", "--write", out,
+                "--clip-model", "uniil-tiny", "--batch-size", "8", "--iters", "1")
+    assert r.code == 0, r.err
+    assert [(c.lr, int(c.method_options["adapter_rank"]), c.method_options["train_vocab"]) for c in seen] == \
+        [(1e-3, 8, "seen")]
+    got = load_recipe(out).methods["finetune"]
+    assert (got.lr, got.options) == (1e-3, {"adapter_rank": 8, "train_vocab": "seen"})
+    assert "kept from the recipe" in got.chosen and "train_vocab=seen" in got.chosen
+
+
 @pytest.mark.parametrize("extra,says", [
     (["--lrs", "0,1e-3"], "--lrs"),
     (["--grid", "finetune:adapter_rank"], "--grid"),

@@ -6,6 +6,10 @@ Every candidate (method x learning rate x grid point) runs as a `uniil bench` en
 20%; the test split is never read. The candidate with the best mean validation Last (class-IL;
 ties: Avg) over the sweep's seeds wins. The recipe records the budget every candidate ran with,
 the values chosen, how (`chosen`), and every candidate's scores (`candidates`).
+
+A sweep refines the recipe it starts from: a swept method's earlier option choices that its grid
+does not name hold for every candidate (and stay in the recipe written); its learning rate is
+always re-chosen from `--lrs`. To re-choose an inherited option, grid it.
 """
 
 from __future__ import annotations
@@ -31,7 +35,8 @@ class Candidate:
     label: str
     method: str
     lr: float | None  # None: the method trains nothing
-    options: dict  # the grid point's --opt values (text)
+    options: dict  # every --opt value of the candidate: the recipe's earlier choices, then the grid point's
+    point: dict = dataclasses.field(default_factory=dict)  # the grid point's values (text): what names it
 
 
 @dataclass(frozen=True)
@@ -57,15 +62,24 @@ class SweepConfig:
             trains = method_class(method).trains
             grid = self.grids.get(method, {})
             points = [dict(zip(grid, values)) for values in itertools.product(*grid.values())] if grid else [{}]
+            kept = self.inherited(method)
             for lr in (self.lrs if trains else (None,)):
                 for point in points:
                     parts = ([f"lr={lr:g}"] if lr is not None else []) + [f"{k}={v}" for k, v in point.items()]
-                    out.append(Candidate(f"{method}@{','.join(parts)}" if parts else method, method, lr, point))
+                    out.append(Candidate(f"{method}@{','.join(parts)}" if parts else method, method, lr,
+                                         {**kept, **point}, point))
         return out
+
+    def inherited(self, method: str) -> dict:
+        """The recipe's earlier option choices for `method` that this sweep's grid does not name."""
+        own = self.recipe.methods.get(method) if self.recipe is not None else None
+        grid = self.grids.get(method, {})
+        return {k: v for k, v in (own.options if own is not None else {}).items() if k not in grid}
 
     def bench(self) -> BenchConfig:
         cands = self.candidates()
-        # Only the recipe's shared parts: a method's earlier choices must not leak into its own sweep.
+        # The recipe's shared parts only: each candidate carries its method's inherited options itself,
+        # and an earlier learning rate must not stand in for the one swept.
         base = dataclasses.replace(self.recipe, methods={}) if self.recipe is not None else None
         return BenchConfig(self.scenario, tuple(c.label for c in cands), self.seeds, self.out,
                            dataclasses.replace(self.settings, eval_split="val"), self.shared_options,
@@ -156,12 +170,15 @@ def choose(cfg: SweepConfig, result: BenchResult) -> Recipe:
         if not ok:
             raise UserError(f"every candidate of {method} failed (see {cfg.out / 'bench.md'}); nothing to choose")
         best, _ = max(ok, key=lambda cs: cs[1])  # first of equals: the grid's order decides
-        if best.lr is None and not best.options:
+        kept = cfg.inherited(method)
+        if best.lr is None and not best.point:
             why = "nothing to choose: it trains no parameters"
         else:
             shown = "; ".join(f"{_shown(c)}: {_round(s[0]) if s else 'failed'}" for c, s in scored)
             why = (f"best validation Last (class-IL, {SELECT_BY[1]} breaks ties) over seed(s) {seeds} among "
                    f"{len(mine)} candidates: {shown}")
+        if kept:
+            why += "; kept from the recipe swept from: " + ", ".join(f"{k}={v}" for k, v in kept.items())
         methods[method] = MethodRecipe(best.lr, _typed(method, best.options), why)
     first = result.config.run_config(result.config.methods[0], cfg.seeds[0])
     defaults = {field: getattr(first, field) for field in DEFAULT_FIELDS.values()
@@ -186,7 +203,7 @@ def _typed(method: str, options: Mapping[str, object]) -> dict:
 
 
 def _shown(c: Candidate) -> str:
-    parts = ([f"lr {c.lr:g}"] if c.lr is not None else []) + [f"{k}={v}" for k, v in c.options.items()]
+    parts = ([f"lr {c.lr:g}"] if c.lr is not None else []) + [f"{k}={v}" for k, v in c.point.items()]
     return ", ".join(parts) or "as is"
 
 
