@@ -40,6 +40,12 @@ SIGNAL_HINTS = {
 }
 
 
+def usable_cpus() -> int:
+    """CPUs this process may run on (taskset, cgroup cpusets): llama.cpp's threads spin while they
+    wait for each other, so more threads than these cores slows it down several times."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+
+
 def describe_exit(returncode: int) -> str:
     if returncode < 0:
         try:
@@ -56,7 +62,7 @@ class LocalModelServer:
     def __init__(self, gguf: Path, alias: str, threads: int | None = None, start_timeout_s: float = 300.0,
                  n_ctx: int = 2048):
         self.gguf, self.alias = gguf, alias
-        self.threads = threads or max(1, min(os.cpu_count() or 1, 8))
+        self.threads = threads or max(1, min(usable_cpus(), 8))
         self.n_ctx = n_ctx
         self.start_timeout_s = start_timeout_s
         self.proc: subprocess.Popen | None = None

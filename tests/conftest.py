@@ -20,6 +20,24 @@ sys.path.insert(0, str(Path(__file__).parent))
 from llm_server import FakeLLMServer  # noqa: E402
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+
+def _share_the_cpus_between_workers() -> None:
+    """`make test` runs pytest-xdist workers: each gets its own share of the CPUs (children inherit
+    it), so that torch's OpenMP threads and llama.cpp's, which spin while they wait for each other,
+    never outnumber the cores under them (oversubscribed, both run several times slower)."""
+    worker, count = os.environ.get("PYTEST_XDIST_WORKER", ""), int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+    if not worker.startswith("gw") or count < 2 or not hasattr(os, "sched_setaffinity"):
+        return
+    cpus = sorted(os.sched_getaffinity(0))
+    if len(cpus) < count:
+        return
+    share = cpus[int(worker[2:]) % count::count]
+    os.sched_setaffinity(0, share)
+    os.environ["OMP_NUM_THREADS"] = str(len(share))  # read when torch loads, here and in every child
+
+
+_share_the_cpus_between_workers()
 # A background job of a non-interactive shell (`make test &` in a script) starts with SIGINT
 # ignored, and children inherit that: the tests that press Ctrl-C on a uniil process would see it
 # ignored. Children of a process with a SIGINT handler start with the default disposition.
@@ -28,6 +46,14 @@ if signal.getsignal(signal.SIGINT) == signal.SIG_IGN:
 os.environ.setdefault("COLUMNS", "200")  # rich tables unwrapped, so tests can read them
 # uniil-micro trains once per machine; tests that point UNIIL_CACHE_DIR elsewhere still share it.
 os.environ.setdefault("UNIIL_BACKBONE_DIR", str(Path.home() / ".cache" / "uniil" / "backbones"))
+
+
+def pytest_collection_modifyitems(items):
+    """Files holding a test marked `long` run first. `make test` deals whole files to its workers in
+    collection order (--dist loadfile --no-loadscope-reorder): a file of minutes dealt last would
+    leave the other workers idle while it runs."""
+    long_files = {item.path for item in items if item.get_closest_marker("long")}
+    items.sort(key=lambda item: item.path not in long_files)  # stable: the rest keep their order
 
 
 @dataclass

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import os
 import sys
 import textwrap
 from dataclasses import dataclass, field
@@ -302,3 +303,19 @@ def test_error_bodies_without_error_message_still_name_a_rejected_response_forma
         message = _status_message(httpx2.Response(400, content=body))
         assert message.startswith("Error code: 400 - ") and _rejects_structured(message), message
     assert _status_message(httpx2.Response(400, content=b"")) == "Error code: 400"
+
+
+@pytest.mark.skipif(not hasattr(os, "sched_setaffinity"), reason="CPU affinity is Linux's")
+def test_the_embedded_llm_runs_as_many_threads_as_cpus_it_may_use():
+    """llama.cpp's threads spin while they wait for each other: on 1 of 2 CPUs (taskset, a cgroup
+    cpuset, a pytest-xdist worker) two threads would run it several times slower than one."""
+    from uniil.attrpool.local_server import LocalModelServer
+
+    before = os.sched_getaffinity(0)
+    try:
+        os.sched_setaffinity(0, {min(before)})
+        assert LocalModelServer(Path("model.gguf"), "model").threads == 1
+        assert LocalModelServer(Path("model.gguf"), "model", threads=3).threads == 3  # asked for: as asked
+    finally:
+        os.sched_setaffinity(0, before)
+    assert LocalModelServer(Path("model.gguf"), "model").threads == min(len(before), 8)

@@ -216,6 +216,7 @@ def test_llama_cpp_server_over_http(llama_server, tmp_path):
 
 @pytest.mark.slow
 @pytest.mark.timeout(1800)
+@pytest.mark.long
 def test_demo_builds_the_synthetic_pool_offline(cli, tmp_path, monkeypatch):
     monkeypatch.setenv("UNIIL_CACHE_DIR", str(tmp_path / "cache"))
     # One epoch instead of the demo's two: the same pipeline, half the training (slow machines).

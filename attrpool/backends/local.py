@@ -34,7 +34,7 @@ def default_gguf() -> Path:
 class LocalOptions:
     n_ctx: int = opt(2048, "the model's context window in tokens (a prompt and its answer must fit)",
                      minimum=MIN_N_CTX)
-    threads: int | None = opt(None, "llama.cpp threads (none: the CPU count, at most 8)", minimum=1)
+    threads: int | None = opt(None, "llama.cpp threads (none: the CPUs this process may use, at most 8)", minimum=1)
 
 
 @dataclass(frozen=True)
