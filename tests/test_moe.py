@@ -318,3 +318,17 @@ def test_train_vocab_seen_puts_every_seen_class_into_the_loss(world, make):
                 want = torch.nn.functional.cross_entropy(logits, method.positions(batch.targets, vocab_t))
                 assert losses[choice] == pytest.approx(float(want), rel=1e-5)
     assert losses["seen"] > losses["step"]  # more negatives: a larger loss on the same logits
+
+
+def test_trainable_share_is_the_steps_routing_into_experts_it_could_train(world):
+    """The first step trains every expert (share 1); after the most used freeze, the share is what
+    went to the others, as a user would compute it from the recorded usage and frozen lists."""
+    method = mage(world, num_experts=4, top_k=2, freeze_top=2)
+    train(method, world, 0)
+    first = method.statistics()
+    assert first["trainable_share"] == [1.0] * method.adapters.num_layers
+    train(method, world, 1)
+    usage = torch.tensor(method.statistics()["usage"], dtype=torch.float)
+    for share, row, frozen_before in zip(method.statistics()["trainable_share"], usage, first["frozen"]):
+        open_ = [e for e in range(4) if e not in frozen_before]
+        assert len(open_) == 2 and share == pytest.approx(float(row[open_].sum() / row.sum()), abs=1e-3)

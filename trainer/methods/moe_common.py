@@ -146,6 +146,7 @@ class MoEMethod(ContinualMethod):
         self.frozen_features = FrozenFeatures(clip, self.adapters)
         self.usage = torch.zeros(self.adapters.num_layers, self.num_experts)  # this step's training routing
         self.eval_usage = torch.zeros_like(self.usage)
+        self.trainable_now = torch.ones(self.adapters.num_layers, self.num_experts, dtype=torch.bool)  # this step's
         self.last_context: RoutingContext | None = None  # the latest forward's gates (tests, debugging)
 
     def _closed_experts(self) -> torch.Tensor | None:
@@ -177,6 +178,7 @@ class MoEMethod(ContinualMethod):
         self.usage = self._zeros(self.adapters.num_layers, self.num_experts)
         self.eval_usage = torch.zeros_like(self.usage)
         self.adapters.hold_frozen()  # after a resumed run loads its checkpoint, snapshot the frozen experts
+        self.trainable_now = ~self.adapters.frozen()
 
     def _end_experts(self) -> list[list[int]]:
         """Freeze the `freeze_top` most-used experts of each block (`freeze_rule`). Returns the newly
@@ -202,8 +204,16 @@ class MoEMethod(ContinualMethod):
             return torch.zeros((), device=self._device)
         return self.opts.lb_weight * load_balancing_loss(ctx.gates, self.num_experts).to(self._device)
 
+    def trainable_share(self) -> list[float]:
+        """Per block, the share of this step's training routing that went to experts it could train.
+        A step learns through its trainable experts only: where the router sends its images to
+        frozen ones (a share near 0), it learns nearly nothing and moves the router for old steps."""
+        total = self.usage.sum(1)
+        mine = (self.usage * self.trainable_now.to(self.usage.device)).sum(1)
+        return [round(float(m / t), 4) if t > 0 else None for m, t in zip(mine, total)]
+
     def expert_statistics(self) -> dict:
         return {"experts": self.num_experts, "top_k": self.top_k,
-                "usage": self.usage.round().int().tolist(),
+                "usage": self.usage.round().int().tolist(), "trainable_share": self.trainable_share(),
                 "eval_usage": summed_over_ranks(self.eval_usage).round().int().tolist(),
                 "frozen": self.adapters.frozen_experts()}
