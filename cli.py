@@ -843,8 +843,8 @@ def sweep(
     lrs: Annotated[str, typer.Option(help="Learning rates every trained method is tried with.")] = "3e-4,1e-3,3e-3",
     grid: Annotated[list[str], typer.Option(
         "--grid", help="METHOD:key=v1,v2: option values to try for one method (repeatable; several keys: "
-                       "every combination). The method's other options chosen in --recipe hold for every "
-                       "candidate.")] = [],
+                       "every combination). The method's other options chosen in the recipe (--recipe, or the "
+                       "scenario's shipped one) hold for every candidate unless gridded or given by --opt.")] = [],
     seeds: Annotated[str, typer.Option(help="Comma-separated seeds; a candidate's score is its mean.")] = "0",
     pool: TrainPoolOpt = None,
     clip_model: ClipModelOpt = None,

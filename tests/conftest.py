@@ -30,11 +30,12 @@ def _share_the_cpus_between_workers() -> None:
     if not worker.startswith("gw") or count < 2 or not hasattr(os, "sched_setaffinity"):
         return
     cpus = sorted(os.sched_getaffinity(0))
-    if len(cpus) < count:
-        return
-    share = cpus[int(worker[2:]) % count::count]
+    share = cpus[int(worker[2:]) % count::count] if len(cpus) >= count else cpus  # fewer CPUs: one thread each
     os.sched_setaffinity(0, share)
-    os.environ["OMP_NUM_THREADS"] = str(len(share))  # read when torch loads, here and in every child
+    threads = len(share) if len(cpus) >= count else 1
+    given = os.environ.get("OMP_NUM_THREADS", "")
+    # read when torch loads, here and in every child; a smaller value set by the user stands
+    os.environ["OMP_NUM_THREADS"] = str(min(threads, int(given)) if given.isdigit() and int(given) > 0 else threads)
 
 
 _share_the_cpus_between_workers()
@@ -44,7 +45,8 @@ _share_the_cpus_between_workers()
 if signal.getsignal(signal.SIGINT) == signal.SIG_IGN:
     signal.signal(signal.SIGINT, signal.default_int_handler)
 os.environ.setdefault("COLUMNS", "200")  # rich tables unwrapped, so tests can read them
-# uniil-micro trains once per machine; tests that point UNIIL_CACHE_DIR elsewhere still share it.
+# uniil-micro's weights (shipped, or trained by `uniil backbone build`): tests that point
+# UNIIL_CACHE_DIR elsewhere still share them.
 os.environ.setdefault("UNIIL_BACKBONE_DIR", str(Path.home() / ".cache" / "uniil" / "backbones"))
 
 

@@ -210,6 +210,28 @@ def test_sweep_keeps_the_recipes_earlier_choices_it_does_not_grid(tmp_path, scen
     assert "kept from the recipe" in got.chosen and "train_vocab=seen" in got.chosen
 
 
+def test_what_a_sweep_inherits_yields_to_its_grid_its_presets_and_opt(tmp_path, scenario):
+    from uniil.trainer.config import TrainConfig
+    from uniil.trainer.sweep import sweep_config
+
+    recipe = load_recipe(write(tmp_path / "r.yaml", {
+        "scenario": "short", "about": "by hand",
+        "methods": {"moe-adapters": {"lr": 0.01, "options": {"num_experts": 4, "adapter_rank": 8, "lb_weight": 0.1,
+                                                             "train_vocab": "seen"}, "chosen": "by hand"}}}))
+
+    def inherited(grid, shared=None):
+        cfg = sweep_config(str(scenario), "moe-adapters", "1e-3", grid, "0", tmp_path / "s",
+                           TrainConfig(scenario=str(scenario), method="moe-adapters", out=tmp_path / "o"),
+                           tmp_path / "w.yaml", recipe, [], shared or {})
+        return cfg.inherited("moe-adapters")
+
+    assert inherited([]) == {"num_experts": 4, "adapter_rank": 8, "lb_weight": 0.1, "train_vocab": "seen"}
+    assert inherited(["moe-adapters:adapter_rank=16,32"]) == {"num_experts": 4, "lb_weight": 0.1, "train_vocab": "seen"}
+    # a preset tried sets num_experts: an inherited explicit value would override the preset's
+    assert inherited(["moe-adapters:preset=cil,mixed"]) == {"adapter_rank": 8, "lb_weight": 0.1, "train_vocab": "seen"}
+    assert inherited([], {"train_vocab": "step"}) == {"num_experts": 4, "adapter_rank": 8, "lb_weight": 0.1}
+
+
 @pytest.mark.parametrize("extra,says", [
     (["--lrs", "0,1e-3"], "--lrs"),
     (["--grid", "finetune:adapter_rank"], "--grid"),

@@ -23,6 +23,7 @@ from pathlib import Path
 
 from ..common import atomic_write_text
 from ..errors import UserError
+from ..typed_options import format_value
 from .bench import BenchConfig, BenchResult, MethodSummary, parse_methods, parse_seeds, run_bench, validate
 from .config import TrainConfig
 from .recipes import DEFAULT_FIELDS, MethodRecipe, Recipe, dump
@@ -71,10 +72,16 @@ class SweepConfig:
         return out
 
     def inherited(self, method: str) -> dict:
-        """The recipe's earlier option choices for `method` that this sweep's grid does not name."""
+        """The recipe's earlier option choices for `method` that neither this sweep's grid nor its
+        `--opt` values name, nor any preset the grid tries sets (an explicit value would override it)."""
+        from .methods.base import method_class
+
         own = self.recipe.methods.get(method) if self.recipe is not None else None
         grid = self.grids.get(method, {})
-        return {k: v for k, v in (own.options if own is not None else {}).items() if k not in grid}
+        presets = method_class(method).presets
+        named = set(grid) | set(self.shared_options)
+        named |= {k for p in grid.get("preset", ()) for k in presets.get(p, {})}
+        return {k: v for k, v in (own.options if own is not None else {}).items() if k not in named}
 
     def bench(self) -> BenchConfig:
         cands = self.candidates()
@@ -178,7 +185,7 @@ def choose(cfg: SweepConfig, result: BenchResult) -> Recipe:
             why = (f"best validation Last (class-IL, {SELECT_BY[1]} breaks ties) over seed(s) {seeds} among "
                    f"{len(mine)} candidates: {shown}")
         if kept:
-            why += "; kept from the recipe swept from: " + ", ".join(f"{k}={v}" for k, v in kept.items())
+            why += "; kept from the recipe swept from: " + ", ".join(f"{k}={format_value(v)}" for k, v in kept.items())
         methods[method] = MethodRecipe(best.lr, _typed(method, best.options), why)
     first = result.config.run_config(result.config.methods[0], cfg.seeds[0])
     defaults = {field: getattr(first, field) for field in DEFAULT_FIELDS.values()

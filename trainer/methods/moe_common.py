@@ -204,7 +204,7 @@ class MoEMethod(ContinualMethod):
             return torch.zeros((), device=self._device)
         return self.opts.lb_weight * load_balancing_loss(ctx.gates, self.num_experts).to(self._device)
 
-    def trainable_share(self) -> list[float]:
+    def trainable_share(self) -> list[float | None]:
         """Per block, the share of this step's training routing that went to experts it could train.
         A step learns through its trainable experts only: where the router sends its images to
         frozen ones (a share near 0), it learns nearly nothing and moves the router for old steps."""
