@@ -332,3 +332,29 @@ def test_trainable_share_is_the_steps_routing_into_experts_it_could_train(world)
     for share, row, frozen_before in zip(method.statistics()["trainable_share"], usage, first["frozen"]):
         open_ = [e for e in range(4) if e not in frozen_before]
         assert len(open_) == 2 and share == pytest.approx(float(row[open_].sum() / row.sum()), abs=1e-3)
+
+
+def test_trainable_floor_is_a_hinge_on_the_gate_mass_of_trainable_experts(world):
+    """The loss is mean over blocks and images of relu(floor - softmax mass on this step's
+    trainable experts); 0 when off; training with it moves a step's routing onto those experts."""
+    clip, scenario, vocab, _ = world
+    shares = {}
+    for floor in (0.0, 0.9):
+        torch.manual_seed(0)
+        method = mage(world, num_experts=4, top_k=2, freeze_top=2, trainable_floor=floor)
+        train(method, world, 0)
+        data = step_data(scenario, vocab, 1)
+        method.begin_step(1, data)
+        method.train()
+        method(batch_of(clip, vocab, data), data)
+        ctx, mine = method.last_context, method.trainable_now.float()
+        assert mine.sum(1).tolist() == [2.0] * method.adapters.num_layers  # 2 of 4 frozen after step 0
+        expected = torch.stack([F.relu(floor - (logits.softmax(-1) * mine[i]).sum(-1)).mean()
+                                for i, (_, _, logits) in enumerate(ctx.gates)]).mean()
+        close(method._capacity(ctx).detach(), expected.detach())
+        method.eval()
+        method.end_step(1, data)
+        torch.manual_seed(1)
+        train(method, world, 1, iters=10)  # step 1 again from here: the same for both floors
+        shares[floor] = float(np.mean(method.statistics()["trainable_share"]))
+    assert shares[0.9] > shares[0.0], shares

@@ -31,6 +31,10 @@ Variants (issue 14, each an option measured in benchmarks/RESULTS.md):
   the attributes active so far is below the selector threshold theta (images the known attributes
   do not explain). A step at least `novelty_threshold` novel opens top_k closed experts and freezes
   every other expert, so what it learns goes into fresh capacity and cannot overwrite old experts.
+- trainable_floor = f: in training, a hinge loss mean_l mean_x relu(f - p_l(x)), p_l(x) the softmax
+  gate mass of image x in block l on the experts this step can train, so that a step's images
+  reach experts that can learn them (a step whose routing stays on frozen experts learns little:
+  `trainable_share` in the statistics, benchmarks/RESULTS.md).
 
 Options (`--opt k=v`, declared in `Mage.Options`; `uniil methods show mage`): the ablations
 no_attributes (z = 0: a shared-router MoE), attr_kind (class|domain|both), attr_topk, no_selector,
@@ -84,6 +88,8 @@ class Mage(MoEMethod):
                                       "freezes the rest (0: off)", minimum=0)
         novelty_threshold: float = opt(0.1, "share of a step's training images below the selector threshold that "
                                             "makes the step novel", fraction=True)
+        trainable_floor: float = opt(0.0, "in training, push each image's gate mass on the experts this step can "
+                                          "train up to at least this (a hinge loss; 0: off)", fraction=True)
 
         def check(self) -> None:
             super().check()
@@ -235,12 +241,23 @@ class Mage(MoEMethod):
             loss = loss + moved.pow(2).sum(-1).mean()
         return self.opts.anchor * loss
 
+    def _capacity(self, ctx: RoutingContext) -> torch.Tensor:
+        """trainable_floor: relu(floor - gate mass on this step's trainable experts), per image and
+        block (ctx.gates holds one entry per block, in block order)."""
+        floor = self.opts.trainable_floor
+        if floor <= 0:
+            return torch.zeros((), device=self._device)
+        mine = self.trainable_now.to(self._device, torch.float32)
+        short = [F.relu(floor - (logits.softmax(-1) * mine[i]).sum(-1)).mean()
+                 for i, (_, _, logits) in enumerate(ctx.gates) if logits is not None]
+        return torch.stack(short).mean() if short else torch.zeros((), device=self._device)
+
     def forward(self, batch: Batch, data: StepData) -> torch.Tensor:
         z, _, frozen = self._attributes(batch)
         ctx = self._context(z, frozen)
         feats = self._route(batch, ctx)
         return (self.classification_loss(feats, batch, data, self.opts.label_smoothing) + self._balance(ctx)
-                + self._anchoring())
+                + self._anchoring() + self._capacity(ctx))
 
     def encode(self, batch: Batch) -> torch.Tensor:
         z, smax, frozen = self._attributes(batch)
