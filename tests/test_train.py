@@ -108,6 +108,30 @@ def test_ctrl_c_then_resume_ends_like_an_uninterrupted_run(tmp_path):
     assert run_metrics(resumed).finished_steps == 7
 
 
+def test_ctrl_c_between_a_checkpoint_and_metrics_json_waits_for_both(tmp_path, monkeypatch):
+    """A Ctrl-C right after a step's checkpoint is written must not leave metrics.json counting one
+    step fewer: a resumed run starts after the steps it counts and would train that step again
+    (seen once under load: the interrupted run's metrics.json said 1 step beside step 2's checkpoint)."""
+    import json
+
+    import torch
+
+    from uniil.trainer import checkpoint as ckpt
+
+    real = ckpt.atomic_write_text
+
+    def write_then_interrupt(path, text):
+        real(path, text)
+        if path.name.endswith(".json") and path.parent.name == ckpt.STATE_DIR:
+            signal.raise_signal(signal.SIGINT)  # the user's Ctrl-C, just after the checkpoint
+
+    monkeypatch.setattr(ckpt, "atomic_write_text", write_then_interrupt)
+    with pytest.raises(KeyboardInterrupt):
+        ckpt.save_step(tmp_path, 1, {"w": torch.zeros(2)}, {"step": 2}, {"finished": 2})
+    assert json.loads((tmp_path / ckpt.METRICS).read_text()) == {"finished": 2}
+    assert (tmp_path / ckpt.STATE_DIR / "step-002.json").exists()
+
+
 def test_zeroshot_reads_cached_features(tmp_path, monkeypatch):
     monkeypatch.setenv("UNIIL_CACHE_DIR", str(tmp_path / "cache"))
     res = run_cli("train", *FAST, "--method", "zeroshot", "--out", tmp_path / "zs")

@@ -34,9 +34,13 @@ def interrupts_deferred():
             raise KeyboardInterrupt
 
 
+def _json_text(obj) -> str:
+    return json.dumps(obj, indent=1, ensure_ascii=False)
+
+
 def write_json(path: Path, obj) -> None:
     with interrupts_deferred():
-        atomic_write_text(path, json.dumps(obj, indent=1, ensure_ascii=False))
+        atomic_write_text(path, _json_text(obj))
 
 
 def read_json(path: Path) -> dict:
@@ -56,7 +60,10 @@ def step_paths(run_dir: Path, t: int) -> tuple[Path, Path]:
     return d / f"step-{t + 1:03d}.safetensors", d / f"step-{t + 1:03d}.json"
 
 
-def save_step(run_dir: Path, t: int, tensors: dict, extra: dict) -> None:
+def save_step(run_dir: Path, t: int, tensors: dict, extra: dict, metrics: dict | None = None) -> None:
+    """Step t's checkpoint, then `metrics` (the record counting step t) as metrics.json, in one
+    stretch Ctrl-C cannot split: a resumed run starts after the steps metrics.json counts, so a
+    checkpoint it did not count would be trained again."""
     from safetensors.torch import save_file
 
     weights, meta = step_paths(run_dir, t)
@@ -64,6 +71,8 @@ def save_step(run_dir: Path, t: int, tensors: dict, extra: dict) -> None:
         with atomic_path(weights) as tmp:
             save_file(tensors, str(tmp))
         atomic_write_text(meta, json.dumps(extra))
+        if metrics is not None:
+            atomic_write_text(run_dir / METRICS, _json_text(metrics))
 
 
 def load_step(run_dir: Path, t: int) -> tuple[dict, dict]:

@@ -210,8 +210,7 @@ class Trainer:
                         round(seen_images / train_s, 1) if seen_images else None, self.method.statistics())
         if self.dist.main:
             ckpt.save_step(self.cfg.out, t, self.method.trainable_state(),
-                           {"method": self.method.extra_state(), "step": t + 1})
-            ckpt.write_json(self.cfg.out / ckpt.METRICS, record.to_json())
+                           {"method": self.method.extra_state(), "step": t + 1}, record.to_json())
         if self.on_step and self.dist.main:
             self.on_step(StepSummary(t + 1, len(self.scenario.steps), data.step.kind,
                                      f"{data.step.dataset}/{data.step.domain}", train_s, eval_s,
