@@ -36,7 +36,7 @@ browser:
 # uniil-micro (the offline backbone several tests use) ships its weights: this says which file the
 # suite loads (a checkout without it trains it here, so that no test's timeout has to cover that).
 # Two pytest-xdist workers, each on its own half of the CPUs (tests/conftest.py), a file at a time in
-# collection order, the files of `long` tests first: 13 min against 22 min in one process on 2 vCPUs.
+# collection order, the files of `long` tests first: 12 min against 22 min in one process on 2 vCPUs.
 test: venv browser
 	$(BIN)/uniil backbone build uniil-micro
 	$(BIN)/python -m pytest -q -n 2 --dist loadfile --no-loadscope-reorder --durations=10
