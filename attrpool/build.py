@@ -103,6 +103,7 @@ def _finished_rerun(cfg: BuildConfig, templates, fingerprint: str) -> BuildRepor
 def build_pool(cfg: BuildConfig, progress: Progress | None = None) -> BuildReport:
     progress = progress or NullProgress()
     _validate(cfg)
+    PoolStore.recover(cfg.pool)  # a killed build's journaled answers count as answered below
     templates = load_templates(cfg.templates)
     form = cfg.form or cfg.llm.default_form
     fingerprint = plan_fingerprint(cfg.names, templates, cfg.per_class, form, cfg.llm.identity,

@@ -75,8 +75,7 @@ class Collector:
             queue.put_nowait(r)
         self.progress.start("requests", "asking the LLM", len(requests))
         self._writer = PoolWriter(self.store)
-        self._writer.writers = min(self.concurrency, len(requests))
-        workers = [asyncio.create_task(self._worker(queue)) for _ in range(self._writer.writers)]
+        workers = [asyncio.create_task(self._worker(queue)) for _ in range(min(self.concurrency, len(requests)))]
         try:
             await asyncio.gather(*workers)
         except BaseException:
@@ -85,8 +84,10 @@ class Collector:
             await asyncio.gather(*workers, return_exceptions=True)
             raise
         finally:
-            self._writer.close()  # commits what is queued: an interrupted build keeps every answer it got
-            self.progress.stop("requests")
+            try:
+                self._writer.close()  # commits what is queued: an interrupted build keeps every answer it got
+            finally:
+                self.progress.stop("requests")
         return self.result
 
     async def _worker(self, queue: asyncio.Queue) -> None:
@@ -101,7 +102,6 @@ class Collector:
             else:
                 self.result.unasked += 1
             self.progress.advance("requests")
-        self._writer.writers -= 1
 
     def _record(self, req: AttributeRequest, attempt: int, status: str, **kw) -> CallRecord:
         backend = self.spec.backend
@@ -121,13 +121,13 @@ class Collector:
                     schema=answer_schema(req.n), max_tokens=self.max_tokens,
                     temperature=0.8 if unusable else 0.0, seed=unusable)
             except TransientLLMError as exc:
-                await self._writer.record(self._record(req, attempt, "error", error=str(exc)[:500]))
+                self._writer.record(self._record(req, attempt, "error", error=str(exc)[:500]))
                 connection_only &= exc.connection
                 if attempt + 1 < self.retry.attempts:
                     await asyncio.sleep(self.retry.delay(attempt, exc.retry_after))
                 continue
             except RejectedLLMError as exc:
-                await self._writer.record(self._record(req, attempt, "error", error=str(exc)[:500]))
+                self._writer.record(self._record(req, attempt, "error", error=str(exc)[:500]))
                 connection_only = False
                 break
             connection_only = False
@@ -135,14 +135,14 @@ class Collector:
                                latency_s=c.latency_s, prompt_tokens=c.prompt_tokens,
                                completion_tokens=c.completion_tokens)
             if usable_phrases(c.text, req.source_name):
-                await self._writer.record(rec)
+                self._writer.record(rec)
                 return "answered"
             rec.status = "unusable"
             unusable += 1
-            await self._writer.record(rec)
+            self._writer.record(rec)
             log.info("no usable attribute in the answer for %s (%s), attempt %d", req.source_name, req.template, attempt + 1)
         if connection_only:
             raise FatalLLMError(f"cannot reach the LLM server at {self.spec.base_url} after "
                                 f"{self.retry.attempts} tries; start it or check --llm-url")
-        await self._writer.record(failed=req.key)
+        self._writer.record(failed=req.key)
         return "failed"

@@ -1,8 +1,8 @@
 """The pool file: one DuckDB database holding names, every LLM call, attributes, provenance and the
 serialised FAISS index.
 
-The call log is written as answers arrive (each batch of them commits), so a crash loses no
-recorded answer; the derived tables (attributes, provenance, index) are replaced in one
+The call log is written as answers arrive (journaled at once, committed in batches: writer.py and
+journal.py), so a crash loses no recorded answer; the derived tables (attributes, provenance, index) are replaced in one
 transaction, so a reader never sees half of them. A pool that has never been completed lives at
 `<pool>.partial` and is renamed into place when its first build finishes.
 
@@ -13,6 +13,7 @@ runs an `executemany` as one statement per row, several milliseconds each.
 from __future__ import annotations
 
 import json
+import logging
 import os
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
@@ -27,6 +28,8 @@ if TYPE_CHECKING:  # imported where used: a finished rerun reads the pool withou
     import numpy as np
 
 from ..errors import UserError
+
+log = logging.getLogger(__name__)
 
 SCHEMA_VERSION = 1
 
@@ -121,6 +124,11 @@ class PoolStore:
             con = duckdb.connect(str(path), read_only=True)
         except duckdb.Error as exc:
             raise UserError(f"cannot open pool {path}: {str(exc).splitlines()[0]}") from None
+        from .journal import journal_path
+
+        if journal_path(path).exists():
+            log.warning("%s holds calls of a killed build not yet in pool %s; rerun the build to commit them",
+                        journal_path(path).name, path.name)
         store = cls(con, path, True)
         try:
             store._check_schema()
@@ -145,7 +153,23 @@ class PoolStore:
         if store.meta("schema_version") is None:
             store.set_meta("schema_version", str(SCHEMA_VERSION))
         store._check_schema()
+        from .journal import replay
+
+        try:
+            replay(store)  # the calls a killed build had journaled but not yet committed
+        except BaseException:
+            con.close()
+            raise
         return store
+
+    @classmethod
+    def recover(cls, pool: Path) -> None:
+        """Commit what a killed build left in its journal, if it left one: a reader sees every call."""
+        from .journal import journal_path
+
+        pool = Path(pool)
+        if any(journal_path(p).exists() for p in (pool, partial_path(pool)) if p.exists()):
+            cls.open_for_write(pool).close()
 
     def _check_schema(self) -> None:
         try:
@@ -190,6 +214,16 @@ class PoolStore:
             raise UserError(f"pool {self.path.name} was built with backbone {recorded}, not {backbone_id}; "
                             f"use that backbone or another --pool (asked for: {cli_options})")
 
+    def pool_id(self) -> str:
+        """A random id given to the pool when it is created: its journal names it."""
+        value = self.meta("pool_id")
+        if value is None:
+            import uuid
+
+            value = uuid.uuid4().hex
+            self.set_meta("pool_id", value)
+        return value
+
     # -- finished plans --------------------------------------------------------------------------
     def _state(self) -> str:
         """Changes whenever a call is logged or the attributes are derived again."""
@@ -213,8 +247,13 @@ class PoolStore:
         self.con.register(name, {k: _column(v) for k, v in columns.items()})
         try:
             yield name
-        finally:
-            self.con.unregister(name)
+        except BaseException:
+            try:  # in an aborted transaction this fails too, and would hide the statement's own error
+                self.con.unregister(name)
+            except duckdb.Error:
+                pass  # the next register of the name replaces it
+            raise
+        self.con.unregister(name)
 
     @contextmanager
     def single_threaded(self) -> Iterator[None]:
@@ -273,15 +312,21 @@ class PoolStore:
         return self.con.execute("SELECT count(*) FROM requests WHERE status = ?", [status]).fetchone()[0]
 
     # -- LLM calls ---------------------------------------------------------------------------------
-    def record_calls(self, calls: Sequence[CallRecord], failed: Sequence[str] = ()) -> list[int]:
+    def record_calls(self, calls: Sequence[CallRecord], failed: Sequence[str] = (),
+                     ids: Sequence[int] | None = None) -> list[int]:
         """Append calls to the log and settle their requests, in one transaction: an "ok" call
-        answers its request; the requests of `failed` keys are marked failed. Returns the calls' ids.
+        answers its request; the requests of `failed` keys are marked failed. Returns the calls' ids:
+        `ids` if given (taken earlier with take_call_ids, or a journal's), else the next ones.
 
         A DuckDB statement costs ~0.5 ms however few rows it moves, so a batch is four: begin, one
         insert, one update, commit."""
         if not calls and not failed:
             return []
-        ids = self._take_call_ids(len(calls))
+        ids = list(ids) if ids is not None else self.take_call_ids(len(calls))
+        if len(ids) != len(calls):
+            raise ValueError(f"{len(calls)} calls, {len(ids)} ids")
+        if ids and self._next_call_id is not None:
+            self._next_call_id = max(self._next_call_id, max(ids) + 1)
         # Each request's settlement is one row of the same relation: "answered" with its call, or "failed".
         settle = {k: None for k in failed}
         settle.update({c.request_key: i for c, i in zip(calls, ids) if c.status == "ok"})
@@ -299,14 +344,22 @@ class PoolStore:
                     f"answer_call = b.settle_call::BIGINT FROM {rel} b WHERE requests.key = b.settle_key")
         return ids
 
-    def _take_call_ids(self, n: int) -> list[int]:
+    def take_call_ids(self, n: int) -> list[int]:
         """The next n call ids. This connection is the pool's only writer (DuckDB locks the file), so
-        ids are counted here rather than drawn from a sequence: one statement less per batch."""
+        ids are counted here rather than drawn from a sequence: one statement less per batch. Not
+        thread-safe: the pool writer takes them on the event loop's thread, before it journals a call."""
         if self._next_call_id is None:
             self._next_call_id = self.con.execute("SELECT coalesce(max(id), 0) + 1 FROM llm_calls").fetchall()[0][0]
         first = self._next_call_id
         self._next_call_id += n
         return list(range(first, first + n))
+
+    def known_call_ids(self, ids: list[int]) -> set[int]:
+        if not ids:
+            return set()
+        with self._relation({"id": ids}) as rel:
+            found = self.con.execute(f"SELECT id FROM llm_calls WHERE id IN (SELECT id::BIGINT FROM {rel})").fetchall()
+        return {i for (i,) in found}
 
     def has_paid_answers(self) -> bool:
         """Whether any call brought an answer: a failed first build keeps its file only then."""

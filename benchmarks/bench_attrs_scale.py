@@ -122,7 +122,7 @@ def child_build(url: str, pool: Path, classes_file: Path, concurrency: int, out:
         "answered": report.answered, "http_requests": report.http_requests,
         "attributes": report.stats["attributes"], "raw_attributes": report.stats["raw_attributes"],
         "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
-        "linger": [writer.GAP_S, writer.LINGER_S]}))
+        "commit_every_s": getattr(writer, "COMMIT_EVERY_S", None)}))  # None: an older writer (A/B runs)
 
 
 def rerun(url: str, pool: Path, classes_file: Path, concurrency: int) -> dict:

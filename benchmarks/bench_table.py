@@ -7,7 +7,10 @@
 - time: training and evaluation seconds per run, training images/s (median over runs), and the
   wall-clock of the whole grid from the runs' own timings.
 
-    .venv/bin/python benchmarks/bench_table.py BENCH_DIR [--reference zeroshot] [--markdown]
+    .venv/bin/python benchmarks/bench_table.py BENCH_DIR [BENCH_DIR ...] [--reference zeroshot]
+
+Several folders (benches of the same scenario and recipe, run at different times) are read as one
+grid; an entry's label must be unique across them.
 """
 
 from __future__ import annotations
@@ -25,14 +28,20 @@ from uniil.trainer.bench import BENCH_METRICS
 from uniil.trainer.records import MetricsRecord
 
 
-def load(bench_dir: Path) -> dict:
-    data = json.loads((bench_dir / "bench.json").read_text())
+def load(bench_dirs: list[Path]) -> dict:
+    """{"results": bench.json's results of every folder, "runs": {label: finished runs' records}}."""
+    results: dict[str, dict] = {}
     runs: dict[str, list[MetricsRecord]] = {}
-    for label, res in data["results"].items():
-        for seed, info in res["seeds"].items():
-            if info["status"] != "failed":
-                runs.setdefault(label, []).append(MetricsRecord.load(bench_dir / info["path"] / "metrics.json"))
-    return {"bench": data, "runs": runs}
+    for bench_dir in bench_dirs:
+        data = json.loads((bench_dir / "bench.json").read_text())
+        for label, res in data["results"].items():
+            if label in results:
+                sys.exit(f"entry {label} is in two of the folders; rename it in one (uniil bench --methods NEW=METHOD)")
+            results[label] = res
+            for seed, info in res["seeds"].items():
+                if info["status"] != "failed":
+                    runs.setdefault(label, []).append(MetricsRecord.load(bench_dir / info["path"] / "metrics.json"))
+    return {"results": results, "runs": runs}
 
 
 def diagonal(record: MetricsRecord) -> float:
@@ -50,11 +59,11 @@ def fmt(m: float, s: float | None) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("bench_dir", type=Path)
+    ap.add_argument("bench_dirs", type=Path, nargs="+", metavar="BENCH_DIR")
     ap.add_argument("--reference", default="zeroshot", help="the entry the diagonal gain is measured against")
     args = ap.parse_args(argv)
-    got = load(args.bench_dir)
-    runs, results = got["runs"], got["bench"]["results"]
+    got = load(args.bench_dirs)
+    runs, results = got["runs"], got["results"]
 
     print("## Own-step accuracy A[t][t], class-IL, mean over steps (mean ± std over seeds)\n")
     print("| entry | mean A[t][t] | gain over " + args.reference + " |\n|---|---|---|")

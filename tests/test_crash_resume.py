@@ -10,6 +10,7 @@ import time
 import duckdb
 
 from llm_server import FakeLLMServer
+from uniil.attrpool.store import PoolStore
 
 
 def test_killed_build_resumes_without_asking_again(tmp_path):
@@ -26,6 +27,7 @@ def test_killed_build_resumes_without_asking_again(tmp_path):
         proc.kill()
         proc.wait()
         assert proc.returncode != 0 and not pool.exists()
+        PoolStore.recover(pool)  # commits what the killed build had journaled, as its rerun does first
         work = pool.with_name(pool.name + ".partial")
         con = duckdb.connect(str(work))
         done = con.execute("SELECT r.payload FROM requests r WHERE status = 'answered'").fetchall()
@@ -52,8 +54,8 @@ def test_killed_build_resumes_without_asking_again(tmp_path):
 
 
 def test_killed_build_with_batched_commits_loses_at_most_one_answer_per_worker(tmp_path):
-    """Answers are committed in batches; a worker waits for its answer's commit before asking again,
-    so at a kill -9 at most `concurrency` answers the server gave are missing from the pool."""
+    """Answers are journaled before their worker asks again, and committed in batches behind it, so at
+    a kill -9 at most `concurrency` answers the server gave (those in flight) are missing from the pool."""
     import json
 
     concurrency = 8
@@ -71,6 +73,7 @@ def test_killed_build_with_batched_commits_loses_at_most_one_answer_per_worker(t
         proc.wait()
         served = {json.dumps({"messages": r.body["messages"]}, sort_keys=True, ensure_ascii=False)
                   for r in server.log if r.status == 200}
+        PoolStore.recover(pool)
         con = duckdb.connect(str(pool.with_name(pool.name + ".partial")))
         answered = {p for (p,) in con.execute("SELECT payload FROM requests WHERE status = 'answered'").fetchall()}
         # Every answered request points at its recorded answer.
