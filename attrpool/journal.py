@@ -90,6 +90,7 @@ def replay(store: PoolStore) -> int:
     failed = [e["failed"] for e in entries[1:] if e.get("failed") is not None]
     try:
         store.record_calls([CallRecord(**e["call"]) for e in new], failed, ids=[e["id"] for e in new])
+        store.recount_call_ids()
     except Exception as exc:
         from ..errors import UserError
 

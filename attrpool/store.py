@@ -322,11 +322,11 @@ class PoolStore:
         insert, one update, commit."""
         if not calls and not failed:
             return []
+        # Given ids leave the count alone: the pool writer's thread commits while the event loop's
+        # takes the next ids, and a journal's replay recounts after it.
         ids = list(ids) if ids is not None else self.take_call_ids(len(calls))
         if len(ids) != len(calls):
             raise ValueError(f"{len(calls)} calls, {len(ids)} ids")
-        if ids and self._next_call_id is not None:
-            self._next_call_id = max(self._next_call_id, max(ids) + 1)
         # Each request's settlement is one row of the same relation: "answered" with its call, or "failed".
         settle = {k: None for k in failed}
         settle.update({c.request_key: i for c, i in zip(calls, ids) if c.status == "ok"})
@@ -353,6 +353,10 @@ class PoolStore:
         first = self._next_call_id
         self._next_call_id += n
         return list(range(first, first + n))
+
+    def recount_call_ids(self) -> None:
+        """Count the next ids from the pool's calls again (after calls were added with their own ids)."""
+        self._next_call_id = None
 
     def known_call_ids(self, ids: list[int]) -> set[int]:
         if not ids:
