@@ -19,6 +19,7 @@ from ..prompts.templates import load_templates
 from .collect import Collector, RetryPolicy, usable_phrases
 from .llm import ChatBackend, FatalLLMError, LLMSpec
 from .plan import AttributeRequest, derivation_settings, plan_fingerprint, plan_requests, planned_count
+from .journal import journal_path
 from .store import CallRecord, PoolStore, partial_path
 
 log = logging.getLogger(__name__)
@@ -219,8 +220,9 @@ def _close(store: PoolStore, pool: Path, outcome: str, *, created: bool) -> None
     if outcome == "finish":
         store.finish(pool)
         return
-    worth_keeping = outcome == "keep" or store.has_paid_answers()
     path = store.path
+    # A journal left by a writer whose commit failed holds paid answers the pool itself lacks.
+    worth_keeping = outcome == "keep" or store.has_paid_answers() or journal_path(path).exists()
     store.close()
     if created and not worth_keeping:
         for p in (path, path.with_name(path.name + ".wal")):

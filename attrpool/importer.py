@@ -186,7 +186,7 @@ def _imported(file: DescriptorFile, entries: list[Entry]) -> tuple[list[_Importe
 
 def _write(pool: Path, backbone: BackboneSpec, names: NameSet | None, new: list[_Imported], threshold: float,
            device: str, progress: Progress, report: ImportReport) -> None:
-    created = not pool.exists()
+    created = not pool.exists() and not partial_path(pool).exists()  # never delete a killed build's answers
     store = PoolStore.open_for_write(pool)
     finished = False
     try:

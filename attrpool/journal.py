@@ -60,28 +60,18 @@ class CallJournal:
 
 def replay(store: PoolStore) -> int:
     """Commit the calls of `store`'s journal that the pool lacks, then remove the journal; returns
-    how many calls were added. A journal that belongs to another pool is set aside, not replayed."""
-    from .store import CallRecord
-
+    how many calls were added. A journal that belongs to another pool is set aside, not replayed;
+    a call the pool refuses is set aside in `<journal>.rejected-*`, the others are kept."""
     path = journal_path(store.path)
     if not path.exists():
         return 0
-    lines = path.read_bytes().split(b"\n")
-    entries = []
-    for n, line in enumerate(lines):
-        if not line.strip():
-            continue
-        try:
-            entries.append(json.loads(line))
-        except ValueError:
-            if n >= len(lines) - 2:  # the last line, cut short by a crash mid-write: never acknowledged
-                log.warning("%s: ignoring its last line, cut short", path.name)
-                continue
-            raise
-    header = entries[0] if entries else {}
+    entries = _read(path)
+    if not entries:  # killed before its header was written: it holds nothing
+        path.unlink()
+        return 0
+    header = entries[0]
     if header.get("journal") != FORMAT or header.get("pool_id") != store.pool_id():
-        aside = path.with_name(f"{path.name}.orphan-{int(time.time())}")
-        os.replace(path, aside)
+        aside = _set_aside(path, "orphan")
         log.warning("%s does not belong to pool %s; set aside as %s", path.name, store.path.name, aside.name)
         return 0
     calls = [e for e in entries[1:] if e.get("call") is not None]
@@ -89,14 +79,61 @@ def replay(store: PoolStore) -> int:
     new = [e for e in calls if e["id"] not in known]
     failed = [e["failed"] for e in entries[1:] if e.get("failed") is not None]
     try:
-        store.record_calls([CallRecord(**e["call"]) for e in new], failed, ids=[e["id"] for e in new])
-        store.recount_call_ids()
-    except Exception as exc:
-        from ..errors import UserError
-
-        raise UserError(f"cannot replay {path.name} into pool {store.path.name} ({str(exc).splitlines()[0]}); "
-                        f"move {path.name} elsewhere to open the pool without its {len(new)} call(s)") from None
-    path.unlink()
+        _commit(store, new, failed)
+    except Exception:  # one refused call must not cost the others: commit them one by one
+        refused = []
+        for e in new:
+            try:
+                _commit(store, [e], [])
+            except Exception as exc:
+                refused.append(e | {"refused": str(exc).splitlines()[0]})
+        _commit(store, [], failed)
+        if refused:
+            aside = _set_aside(path, "rejected", refused)
+            log.warning("pool %s refused %d call(s) of %s; they are in %s", store.path.name, len(refused),
+                        path.name, aside.name)
+        new = [e for e in new if e not in refused]
+    store.recount_call_ids()
+    path.unlink(missing_ok=True)
     if new or failed:
         log.info("%s: replayed %d call(s) the pool lacked", path.name, len(new))
     return len(new)
+
+
+def _read(path: Path) -> list[dict]:
+    """The journal's entries; only its last line may be cut short (by a kill mid-write)."""
+    from ..errors import UserError
+
+    lines = path.read_bytes().split(b"\n")
+    entries = []
+    for n, line in enumerate(lines):
+        if not line.strip():
+            continue
+        try:
+            entry = json.loads(line)
+        except ValueError:
+            if n == len(lines) - 1:  # no newline after it: the write was never finished, nor acknowledged
+                log.warning("%s: ignoring its last line, cut short", path.name)
+                continue
+            entry = None
+        if not isinstance(entry, dict):
+            raise UserError(f"{path.name} is damaged (line {n + 1} is not a journal entry); move it elsewhere "
+                            f"to open pool {path.name.removesuffix('.journal')} without its calls")
+        entries.append(entry)
+    return entries
+
+
+def _commit(store: PoolStore, entries: list[dict], failed: list[str]) -> None:
+    from .store import CallRecord
+
+    store.record_calls([CallRecord(**e["call"]) for e in entries], failed, ids=[e["id"] for e in entries])
+
+
+def _set_aside(path: Path, why: str, entries: list[dict] | None = None) -> Path:
+    """Move the journal (or write `entries`) to `<journal>.<why>-<ns>`, never over another file."""
+    aside = path.with_name(f"{path.name}.{why}-{time.time_ns()}")
+    if entries is None:
+        os.replace(path, aside)
+    else:
+        aside.write_text("".join(json.dumps(e, ensure_ascii=False) + "\n" for e in entries), encoding="utf-8")
+    return aside

@@ -176,8 +176,10 @@ class ChatBackend:
             except ValueError:
                 raise TransientLLMError(f"HTTP {r.status_code} with a body that is not JSON: {r.text[:200]}") from None
             usage = (answer.get("usage") if isinstance(answer, dict) else None) or {}
+            usage = usage if isinstance(usage, dict) else {}
             return Completion(answer_text(answer), time.perf_counter() - start,
-                              usage.get("prompt_tokens"), usage.get("completion_tokens"), mode)
+                              _token_count(usage.get("prompt_tokens")), _token_count(usage.get("completion_tokens")),
+                              mode)
 
     def _step_down(self, mode: str, message: str) -> None:
         if self.structured == mode:  # concurrent requests may have stepped down already
@@ -195,6 +197,13 @@ class ChatBackend:
         if status == 429 or status >= 500 or status == 408:
             return TransientLLMError(f"HTTP {status}: {body}", parse_retry_after(headers))
         return RejectedLLMError(f"HTTP {status}: {body}")
+
+
+def _token_count(value) -> int | None:
+    """A server's token count as the pool stores it (INTEGER): anything else is recorded as unknown."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or value != value:
+        return None
+    return int(value) if 0 <= value < 2 ** 31 else None
 
 
 def _status_message(response: httpx2.Response) -> str:
@@ -234,7 +243,10 @@ def answer_text(response: dict) -> str:
     choices = response.get("choices") if isinstance(response, dict) else None
     if not choices:
         return ""
-    choice = choices[0]
-    if isinstance(choice.get("message"), dict):
-        return choice["message"].get("content") or ""
-    return choice.get("text") or ""
+    choice = choices[0] if isinstance(choices, list) else None
+    if not isinstance(choice, dict):
+        return ""
+    text = choice["message"].get("content") if isinstance(choice.get("message"), dict) else choice.get("text")
+    if isinstance(text, list):  # content as parts: [{"type": "text", "text": ...}, ...]
+        text = "".join(part.get("text") or "" for part in text if isinstance(part, dict))
+    return text if isinstance(text, str) else ""

@@ -38,6 +38,8 @@ class PoolWriter:
         store.take_call_ids(0)  # counts from the pool's calls now, before the thread shares the connection
         self.journal = CallJournal(store)
         self._error: BaseException | None = None
+        self._closing = False
+        self._done = threading.Event()  # set when the thread has stopped touching the connection
         self._queue: queue.SimpleQueue[_Item | None] = queue.SimpleQueue()
         self._thread = threading.Thread(target=self._run, name="pool-writer", daemon=True)
         self._thread.start()
@@ -45,25 +47,33 @@ class PoolWriter:
     def record(self, call: CallRecord | None = None, *, failed: str | None = None) -> None:
         """Log `call` (an "ok" call answers its request) and/or mark request `failed`. Durable against
         a killed process when this returns; committed to the pool shortly after."""
-        self._raise_if_failed()
+        if self._closing:
+            raise RuntimeError("the pool writer is closed")
         item = _Item(self.store.take_call_ids(1)[0] if call is not None else None, call, failed)
-        self.journal.append(item.call_id, call, failed)
+        self.journal.append(item.call_id, call, failed)  # first: a paid answer is kept even if the writer died
+        if self._error is not None:
+            raise self._error
         self._queue.put(item)
 
     def close(self) -> None:
         """Commit what is queued, stop the thread, and remove the journal once all of it is committed."""
-        if self._thread.is_alive():
+        if not self._closing:
+            self._closing = True
             self._queue.put(None)
-            self._thread.join()
+        interrupted = None
+        while True:
+            try:
+                self._done.wait()
+                break
+            except KeyboardInterrupt as exc:
+                # Another Ctrl-C: the thread still commits on the pool's connection, and whoever
+                # closes that connection next must wait for it; the interrupt is raised after.
+                interrupted = exc
         self.journal.close(remove=self._error is None)
+        if interrupted is not None:
+            raise interrupted
         if self._error is not None:
             raise self._error
-
-    def _raise_if_failed(self) -> None:
-        if self._error is not None:
-            raise self._error
-        if not self._thread.is_alive():
-            raise RuntimeError("the pool writer is closed")
 
     def _run(self) -> None:
         try:
@@ -71,6 +81,8 @@ class PoolWriter:
                 self._serve()
         except BaseException as exc:  # the calls stay in the journal; record() and close() raise it
             self._error = exc
+        finally:
+            self._done.set()
 
     def _serve(self) -> None:
         """Commit batch after batch until close()."""

@@ -24,7 +24,7 @@ VOCAB = ["red colour", "round outline", "striped texture", "small size", "sharp 
 
 @dataclass
 class Fault:
-    kind: str  # "429", "500", "slow", "malformed", "empty", "numbered", "prose", "drop"
+    kind: str  # "429", "500", "slow", "malformed", "empty", "numbered", "prose", "drop", "odd_shapes"
     match: str | None = None  # substring of the prompt; None matches every request
     times: int = 1  # how many matching requests it applies to (-1: all)
     retry_after: float | None = None  # for 429
@@ -197,6 +197,9 @@ class FakeLLMServer:
             content = " " + "; ".join(attrs)
         usage = {"prompt_tokens": len(prompt.split()), "completion_tokens": len(content.split()),
                  "total_tokens": len(prompt.split()) + len(content.split())}
+        if kind == "odd_shapes":  # what some servers send: content as parts, token counts that are not integers
+            usage = {"prompt_tokens": "12", "completion_tokens": 3.5, "total_tokens": None}
+            content = [{"type": "text", "text": content[:5]}, {"type": "text", "text": content[5:]}]
         if h.path.endswith("chat/completions"):
             choice = {"index": 0, "message": {"role": "assistant", "content": content}, "finish_reason": "stop"}
             obj = "chat.completion"

@@ -222,6 +222,23 @@ def test_a_failed_derivation_leaves_no_new_pool(cli, tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["a.json"]
 
 
+def test_an_import_into_an_unfinished_build_is_refused_and_keeps_its_answers(cli, tmp_path):
+    """An interrupted `attrs build` left `p.duckdb.partial` with a paid answer: an import into the same
+    pool is refused, and the work file stays for the build's rerun."""
+    from uniil.attrpool.store import CallRecord, partial_path
+
+    pool = tmp_path / "p.duckdb"
+    store = PoolStore.open_for_write(pool)
+    store.add_requests([("k", "class", "circle", "t@v1", "chat", "m", 8, "{}")])
+    store.record_calls([CallRecord("k", "server", None, "m", "t@v1", "chat", "h", None, 0, "ok", response="round")])
+    store.close()
+    res = cli("attrs", "import", write(tmp_path / "a.json", '{"circle": ["round"]}'), "--pool", pool,
+              "--dataset", "synthetic", *TINY)
+    one_line_error(res, "is not finished", "rerun the same `uniil attrs build` command")
+    with PoolStore.open_for_read(pool, allow_partial=True) as store:
+        assert store.path == partial_path(pool) and store.count_requests("answered") == 1
+
+
 def test_a_new_pool_needs_to_know_its_dataset(cli, tmp_path):
     res = cli("attrs", "import", write(tmp_path / "a.json", '{"circle": ["round"]}'), "--pool", tmp_path / "p.duckdb")
     one_line_error(res, "pool", "is new", "--dataset NAME")

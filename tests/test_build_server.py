@@ -129,6 +129,22 @@ def test_unusable_answers_are_retried_then_reported_per_class(cli, llm_server, t
     assert listed["square"]
 
 
+def test_answers_in_parts_and_token_counts_that_are_not_integers_are_recorded(cli, llm_server, tmp_path):
+    llm_server.add_fault(Fault("odd_shapes", match="circle", times=-1))
+    pool = tmp_path / "p.duckdb"
+    r = cli("attrs", "build", "--pool", pool, "--classes", classes_file(tmp_path), "--domains", "",
+            "--templates", "class-appearance", *server_args(llm_server))
+    assert r.code == 0, r.err
+    con = duckdb.connect(str(pool), read_only=True)
+    rows = con.execute("SELECT r.source_name, c.response, c.prompt_tokens, c.completion_tokens FROM requests r "
+                       "JOIN llm_calls c ON c.id = r.answer_call ORDER BY 1").fetchall()
+    con.close()
+    circle = rows[0]
+    assert circle[0] == "circle" and json.loads(circle[1])["attributes"]  # the parts joined into one answer
+    assert circle[2:] == (None, 3)  # "12" is not a count; 3.5 is stored as 3
+    assert all(isinstance(r[2], int) for r in rows[1:])
+
+
 def test_some_failed_prompts_still_finish_the_pool_and_are_counted(cli, llm_server, tmp_path):
     llm_server.add_fault(Fault("empty", match="How can you identify a star", times=-1))
     pool = tmp_path / "p.duckdb"

@@ -13,6 +13,7 @@ import pytest
 
 from uniil.attrpool.journal import CallJournal, journal_path
 from uniil.attrpool.store import CallRecord, PoolStore, partial_path
+from uniil.attrpool import writer as writer_module
 from uniil.attrpool.writer import PoolWriter
 from uniil.errors import UserError
 
@@ -107,22 +108,46 @@ def test_a_journal_of_another_pool_is_set_aside_not_replayed(tmp_path):
     assert len(aside) == 1 and json.loads(aside[0].read_text().splitlines()[1])["call"]["request_key"] == "k0"
 
 
-def test_a_failed_commit_stops_the_writer_and_keeps_the_journal(tmp_path):
+def test_a_failed_commit_stops_the_writer_keeps_the_journal_and_replay_sets_aside_only_the_refused_call(
+        tmp_path, monkeypatch, caplog):
+    monkeypatch.setattr(writer_module, "COMMIT_EVERY_S", 0.0)  # each call commits as soon as it comes
     pool, store = _finished_pool_with_requests(tmp_path)
     writer = PoolWriter(store)
-    writer.record(call("k0"))
-    writer.record(call("k1", prompt_tokens="not a number"))  # a commit DuckDB refuses
-    with pytest.raises(Exception, match="not a number|Conversion"):
+    writer.record(call("k0", prompt_tokens="not a number"))  # a commit DuckDB refuses: the thread stops
+    assert writer._done.wait(60)
+    with pytest.raises(duckdb.Error, match="Conversion"):
+        writer.record(call("k1"))  # the build stops, but this paid answer is journaled first
+    with pytest.raises(duckdb.Error, match="Conversion"):
         writer.close()
-    assert json.loads(journal_path(pool).read_text().splitlines()[1])["call"]["request_key"] == "k0"
-    with pytest.raises(Exception):
-        writer.record(call("k2"))  # the build stops: nothing more is taken
+    with pytest.raises(RuntimeError, match="closed"):
+        writer.record(call("k2"))
+    assert [json.loads(line)["call"]["request_key"] for line in journal_path(pool).read_text().splitlines()[1:]] \
+        == ["k0", "k1"]
     store.close()
-    with pytest.raises(UserError, match=r"cannot replay p\.duckdb\.journal .*move p\.duckdb\.journal elsewhere"):
+    with PoolStore.open_for_write(pool) as store:  # the refused call is set aside, the good one kept
+        assert store.con.execute("SELECT key, status FROM requests ORDER BY key").fetchall() == [
+            ("k0", "pending"), ("k1", "answered"), ("k2", "pending"), ("k3", "pending")]
+    assert not journal_path(pool).exists()
+    (rejected,) = tmp_path.glob("p.duckdb.journal.rejected-*")
+    (entry,) = [json.loads(line) for line in rejected.read_text().splitlines()]
+    assert entry["call"]["request_key"] == "k0" and "Conversion" in entry["refused"]
+    assert "refused 1 call(s)" in caplog.text
+
+
+def test_a_damaged_journal_is_a_one_line_error_and_an_empty_one_is_removed(tmp_path):
+    pool, store = _finished_pool_with_requests(tmp_path)
+    journal = CallJournal(store)
+    journal.append(1, call("k0"), None)
+    journal.close(remove=False)
+    store.close()
+    text = journal_path(pool).read_text().splitlines()
+    journal_path(pool).write_text("\n".join([text[0], "{not json", text[1]]) + "\n")
+    with pytest.raises(UserError, match=r"p\.duckdb\.journal is damaged \(line 2 .*move it elsewhere"):
         PoolStore.open_for_write(pool)
-    os.replace(journal_path(pool), tmp_path / "kept.journal")
+    journal_path(pool).write_text("")  # killed before its first line was written
     with PoolStore.open_for_write(pool) as store:
         assert store.count_requests("pending") == 4
+    assert not journal_path(pool).exists()
 
 
 def test_a_writer_closed_cleanly_commits_everything_and_removes_its_journal(tmp_path):
@@ -135,4 +160,45 @@ def test_a_writer_closed_cleanly_commits_everything_and_removes_its_journal(tmp_
     assert not journal_path(pool).exists()
     assert store.con.execute("SELECT key, status, answer_call FROM requests ORDER BY key").fetchall() == [
         ("k0", "answered", 1), ("k1", "answered", 2), ("k2", "answered", 3), ("k3", "failed", None)]
+    store.close()
+
+
+def test_a_failed_first_build_keeps_its_work_file_while_a_journal_holds_answers(tmp_path):
+    from uniil.attrpool.build import _close
+
+    pool = tmp_path / "p.duckdb"
+    store = PoolStore.open_for_write(pool)  # a first build: the work file is new
+    store.add_requests(REQUESTS)
+    journal = CallJournal(store)
+    journal.append(store.take_call_ids(1)[0], call("k0"), None)  # paid for, never committed
+    journal.close(remove=False)
+    _close(store, pool, "failed", created=True)
+    assert partial_path(pool).exists() and journal_path(partial_path(pool)).exists()
+    with PoolStore.open_for_write(pool) as store:
+        assert store.count_requests("answered") == 1
+
+
+def test_a_ctrl_c_while_close_waits_lets_the_commit_finish_first(tmp_path, monkeypatch):
+    """A second Ctrl-C during close() must not hand the pool's connection back while the writer's
+    thread still commits on it."""
+    import time
+
+    pool, store = _finished_pool_with_requests(tmp_path)
+    commit = PoolStore.record_calls
+
+    def slow_commit(self, *args, **kwargs):  # on the writer's thread: Ctrl-C once close() waits for it
+        while not writer._closing:
+            time.sleep(0.01)
+        time.sleep(0.2)  # close() has set the flag; let it reach its wait
+        os.kill(os.getpid(), signal.SIGINT)
+        time.sleep(0.5)
+        return commit(self, *args, **kwargs)
+
+    monkeypatch.setattr(PoolStore, "record_calls", slow_commit)
+    writer = PoolWriter(store)
+    writer.record(call("k0"))
+    with pytest.raises(KeyboardInterrupt):
+        writer.close()
+    assert writer._done.is_set()  # the thread had finished when the interrupt came out of close()
+    assert store.count_requests("answered") == 1 and not journal_path(pool).exists()
     store.close()
