@@ -47,7 +47,9 @@ class CallJournal:
         self._write({"id": call_id, "call": vars(call) if call is not None else None, "failed": failed})
 
     def _write(self, entry: dict) -> None:
-        os.write(self._fd, (json.dumps(entry, ensure_ascii=False) + "\n").encode())
+        data = memoryview((json.dumps(entry, ensure_ascii=False) + "\n").encode())
+        while data:  # a regular file takes it whole, but write() may in principle take less
+            data = data[os.write(self._fd, data):]
 
     def close(self, *, remove: bool) -> None:
         """Close the file; with remove, delete it (every call in it is committed)."""

@@ -2,7 +2,7 @@
 
 A request's worker journals its call (attrpool/journal.py) and moves on: it never waits for DuckDB.
 A thread of its own commits what has queued, a batch every COMMIT_EVERY_S at most: a commit costs
-~3 ms of CPU (10 on a slow machine) however few rows it holds, so fewer, larger commits are cheaper,
+~3 ms of CPU (~7 on a slow machine) however few rows it holds, so fewer, larger commits are cheaper,
 and as no worker waits for them, their interval costs nothing but the window a power cut could lose.
 A kill -9 loses nothing journaled: the pool's next open for writing replays it. A failed commit
 stops the build (the next `record` or `close` raises it); the journal keeps its calls.
