@@ -17,9 +17,9 @@ from ..data.registry import NameSet
 from ..errors import UserError
 from ..prompts.templates import load_templates
 from .collect import Collector, RetryPolicy, usable_phrases
+from .journal import journal_path
 from .llm import ChatBackend, FatalLLMError, LLMSpec
 from .plan import AttributeRequest, derivation_settings, plan_fingerprint, plan_requests, planned_count
-from .journal import journal_path
 from .store import CallRecord, PoolStore, partial_path
 
 log = logging.getLogger(__name__)

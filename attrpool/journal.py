@@ -19,10 +19,9 @@ import logging
 import os
 import time
 from pathlib import Path
-from typing import TYPE_CHECKING
 
-if TYPE_CHECKING:
-    from .store import CallRecord, PoolStore
+from ..errors import UserError
+from .store import CallRecord, PoolStore
 
 log = logging.getLogger(__name__)
 
@@ -83,10 +82,11 @@ def replay(store: PoolStore) -> int:
     try:
         _commit(store, new, failed)
     except Exception:  # one refused call must not cost the others: commit them one by one
-        refused = []
+        kept, refused = [], []
         for e in new:
             try:
                 _commit(store, [e], [])
+                kept.append(e)
             except Exception as exc:
                 refused.append(e | {"refused": str(exc).splitlines()[0]})
         _commit(store, [], failed)
@@ -94,7 +94,7 @@ def replay(store: PoolStore) -> int:
             aside = _set_aside(path, "rejected", refused)
             log.warning("pool %s refused %d call(s) of %s; they are in %s", store.path.name, len(refused),
                         path.name, aside.name)
-        new = [e for e in new if e not in refused]
+        new = kept
     store.recount_call_ids()
     path.unlink(missing_ok=True)
     if new or failed:
@@ -104,8 +104,6 @@ def replay(store: PoolStore) -> int:
 
 def _read(path: Path) -> list[dict]:
     """The journal's entries; only its last line may be cut short (by a kill mid-write)."""
-    from ..errors import UserError
-
     lines = path.read_bytes().split(b"\n")
     entries = []
     for n, line in enumerate(lines):
@@ -126,8 +124,6 @@ def _read(path: Path) -> list[dict]:
 
 
 def _commit(store: PoolStore, entries: list[dict], failed: list[str]) -> None:
-    from .store import CallRecord
-
     store.record_calls([CallRecord(**e["call"]) for e in entries], failed, ids=[e["id"] for e in entries])
 
 

@@ -2,8 +2,8 @@
 serialised FAISS index.
 
 The call log is written as answers arrive (journaled at once, committed in batches: writer.py and
-journal.py), so a crash loses no recorded answer; the derived tables (attributes, provenance, index) are replaced in one
-transaction, so a reader never sees half of them. A pool that has never been completed lives at
+journal.py), so a crash loses no recorded answer; the derived tables (attributes, provenance,
+index) are replaced in one transaction, so a reader never sees half of them. A pool that has never been completed lives at
 `<pool>.partial` and is renamed into place when its first build finishes.
 
 Every batch goes in as one relation (numpy columns scanned by DuckDB), never row by row: DuckDB
@@ -168,7 +168,8 @@ class PoolStore:
         from .journal import journal_path
 
         pool = Path(pool)
-        if any(journal_path(p).exists() for p in (pool, partial_path(pool)) if p.exists()):
+        work_file = pool if pool.exists() else partial_path(pool)  # the file open_for_write opens
+        if journal_path(work_file).exists():
             cls.open_for_write(pool).close()
 
     def _check_schema(self) -> None:

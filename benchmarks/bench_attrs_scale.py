@@ -122,7 +122,7 @@ def child_build(url: str, pool: Path, classes_file: Path, concurrency: int, out:
         "answered": report.answered, "http_requests": report.http_requests,
         "attributes": report.stats["attributes"], "raw_attributes": report.stats["raw_attributes"],
         "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
-        "commit_every_s": getattr(writer, "COMMIT_EVERY_S", None)}))  # None: an older writer (A/B runs)
+        "commit_every_s": writer.COMMIT_EVERY_S}))
 
 
 def rerun(url: str, pool: Path, classes_file: Path, concurrency: int) -> dict:

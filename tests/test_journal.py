@@ -124,6 +124,7 @@ def test_a_failed_commit_stops_the_writer_keeps_the_journal_and_replay_sets_asid
     assert [json.loads(line)["call"]["request_key"] for line in journal_path(pool).read_text().splitlines()[1:]] \
         == ["k0", "k1"]
     store.close()
+    caplog.set_level("INFO", logger="uniil.attrpool.journal")
     with PoolStore.open_for_write(pool) as store:  # the refused call is set aside, the good one kept
         assert store.con.execute("SELECT key, status FROM requests ORDER BY key").fetchall() == [
             ("k0", "pending"), ("k1", "answered"), ("k2", "pending"), ("k3", "pending")]
@@ -131,7 +132,7 @@ def test_a_failed_commit_stops_the_writer_keeps_the_journal_and_replay_sets_asid
     (rejected,) = tmp_path.glob("p.duckdb.journal.rejected-*")
     (entry,) = [json.loads(line) for line in rejected.read_text().splitlines()]
     assert entry["call"]["request_key"] == "k0" and "Conversion" in entry["refused"]
-    assert "refused 1 call(s)" in caplog.text
+    assert "refused 1 call(s)" in caplog.text and "replayed 1 call(s)" in caplog.text
 
 
 def test_a_damaged_journal_is_a_one_line_error_and_an_empty_one_is_removed(tmp_path):
