@@ -29,8 +29,8 @@ log = logging.getLogger(__name__)
 
 NAME = "uniil-micro"
 VERSION = TRAINED_BUILTINS[NAME]  # bump (in spec.py) whenever the architecture, data or recipe changes
-# sha256 of backbones/weights/uniil-micro-v3.safetensors, trained by `micro_train.train()` (the default Recipe).
-SHIPPED_SHA256 = "47c308d67d447be8aaab0364a3c682e6d0c771bc7bca1bc34994fd1af38286e1"
+# sha256 of backbones/weights/uniil-micro-v4.safetensors, trained by `micro_train.train()` (the default Recipe).
+SHIPPED_SHA256 = "aeb49b8acbdc2110b9dd3ad1babdb83261629faf83a84ae74dd1c3c03d8bab3e"
 
 
 @dataclass(frozen=True)
@@ -41,6 +41,7 @@ class MicroConfig:
     heads: int = 4
     embed_dim: int = 256
     stem_channels: tuple[int, ...] = (48, 64, 96, 128, 128)  # 4x4 patchify, then four 3x3 convs
+    stem_strides: tuple[int, ...] = (1, 2, 1, 2)  # of the 3x3 convs: together 4, so the grid is 4x4
     context_length: int = 32
 
 
@@ -60,12 +61,13 @@ class ConvStem(nn.Module):
     convolutions with batch norm then do the local shape work, and the transformer blocks after
     them see a 4x4 grid, which keeps them cheap."""
 
-    def __init__(self, channels: tuple[int, ...], width: int):
+    def __init__(self, channels: tuple[int, ...], width: int, strides: tuple[int, ...] = (1, 2, 1, 2)):
         super().__init__()
         c0, *rest = channels
+        assert len(rest) == len(strides), (channels, strides)
         layers = [nn.Conv2d(3, c0, 4, stride=4, bias=False), nn.BatchNorm2d(c0), nn.GELU()]
         c_in = c0
-        for c_out, stride in zip(rest, (1, 2, 1, 2)):
+        for c_out, stride in zip(rest, strides):
             layers += [nn.Conv2d(c_in, c_out, 3, stride=stride, padding=1, bias=False), nn.BatchNorm2d(c_out),
                        nn.GELU()]
             c_in = c_out
@@ -92,7 +94,7 @@ def build_model(cfg: MicroConfig = MicroConfig()) -> nn.Module:
         model = open_clip.CustomTextCLIP(cfg.embed_dim, vision, text)
     finally:
         logging.disable(logging.NOTSET)
-    model.visual.conv1 = ConvStem(cfg.stem_channels, cfg.width)
+    model.visual.conv1 = ConvStem(cfg.stem_channels, cfg.width, cfg.stem_strides)
     for p in model.text.transformer.parameters():  # LiT: the pretrained text tower stays locked
         p.requires_grad_(False)
     return model

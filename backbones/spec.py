@@ -10,7 +10,7 @@ CONFIG_DIR = Path(__file__).parent / "model_configs"
 RANDOM_BUILTINS = tuple(sorted(p.stem for p in CONFIG_DIR.glob("*.json")))
 # Trained offline on the synthetic world (backbones/micro.py); the version names the recipe. Their
 # weights ship in backbones/weights/ (a checkout without them trains them on first use, into the cache).
-TRAINED_BUILTINS = {"uniil-micro": 3}
+TRAINED_BUILTINS = {"uniil-micro": 4}
 SHIPPED_DIR = Path(__file__).parent / "weights"
 BACKBONE_DIR_ENV = "UNIIL_BACKBONE_DIR"  # where trained built-ins live (default: <cache dir>/backbones)
 BUILTIN_MODELS = RANDOM_BUILTINS + tuple(TRAINED_BUILTINS)

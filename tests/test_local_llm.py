@@ -227,7 +227,7 @@ def test_demo_builds_the_synthetic_pool_offline(cli, tmp_path, monkeypatch):
     s = json.loads(cli("attrs", "stats", "--pool", tmp_path / "demo" / "synthetic.duckdb", "--json").out)
     assert (s["classes"], s["domains"], s["failed_calls"]) == (24 + 10 + 10, 5 + 1 + 1, 0)  # shapes, digits, patterns
     assert "synthetic/test/sketch/0" in r.out  # the match step ran on rendered images
-    assert "uniil-micro@v3" in r.out and "the reference descriptions" in r.out  # the backbone and its figures
+    assert "uniil-micro@v4" in r.out and "the reference descriptions" in r.out  # the backbone and its figures
     ref = json.loads(cli("attrs", "stats", "--pool", tmp_path / "demo" / "reference.duckdb", "--json").out)
     assert (ref["classes"], ref["domains"], ref["failed_calls"]) == (24 + 10 + 10, 5 + 1 + 1, 0)
     assert ref["models"] and all(m.startswith("file:") for m in ref["models"])  # imported, not asked of the LLM

@@ -168,6 +168,30 @@ def test_training_is_seeded_and_deterministic(tmp_path, monkeypatch):
     assert len(w.texts) == len(set(w.texts)) == len(w.index) and w.codes.shape == (len(w.texts), 5)
 
 
+def test_rendering_in_two_processes_gives_the_same_pretraining_set():
+    """The renderer's processes split the images, each from its own seed: the set does not depend on
+    how many there are (so the recipe retrains the same weights on any machine)."""
+    from uniil.backbones import micro_train
+
+    recipe = micro_train.Recipe(images=300)
+    one, truth_one = micro_train.render_pretraining_set(recipe, 64, workers=1)
+    two, truth_two = micro_train.render_pretraining_set(recipe, 64, workers=2)
+    assert torch.equal(one, two) and np.array_equal(truth_one, truth_two)
+    assert one.abs().sum(dim=(1, 2, 3)).min() > 0  # every image rendered, none left empty
+    assert set(truth_one[:, 4]) == set(range(len(DOMAINS)))
+
+
+def test_dihedral_augmentation_turns_or_mirrors_each_image():
+    from uniil.backbones.micro_train import dihedral
+
+    x = torch.randn(64, 3, 8, 8)
+    y = dihedral(x, torch.Generator().manual_seed(0))
+    variants = [torch.rot90(v, k, dims=(-2, -1)) for v in (x, x.flip(-1)) for k in range(4)]  # each [64, 3, 8, 8]
+    which = [next(t for t in range(8) if torch.equal(y[i], variants[t][i])) for i in range(len(x))]
+    assert len(set(which)) == 8  # all eight used, each image one of its own
+    assert torch.equal(dihedral(x, torch.Generator().manual_seed(0)), y)  # seeded
+
+
 def test_the_shipped_weights_are_checked_and_older_versions_refused(tmp_path):
     """The package's weights match the checksum the release recorded; a damaged copy, another
     version's file and a missing file are one-line errors naming the fix."""
@@ -181,9 +205,10 @@ def test_the_shipped_weights_are_checked_and_older_versions_refused(tmp_path):
     shipped = spec.shipped_weights()
     assert spec.trained_weights() == shipped and micro.sha256(shipped) == micro.SHIPPED_SHA256
     assert spec.id == f"uniil-micro@v{micro.VERSION}"
-    old = tmp_path / "uniil-micro-v2.safetensors"
-    save_file(load_file(str(shipped)), str(old), metadata={"version": "2"})
-    with pytest.raises(UserError, match=r"are uniil-micro v2, this uniil's uniil-micro is v3"):
+    older = micro.VERSION - 1
+    old = tmp_path / f"uniil-micro-v{older}.safetensors"
+    save_file(load_file(str(shipped)), str(old), metadata={"version": str(older)})
+    with pytest.raises(UserError, match=rf"are uniil-micro v{older}, this uniil's uniil-micro is v{micro.VERSION}"):
         load_backbone(BackboneSpec.from_options("uniil-micro", str(old)))
     with pytest.raises(UserError, match="no weights file"):
         BackboneSpec.from_options("uniil-micro", str(tmp_path / "missing.safetensors"))

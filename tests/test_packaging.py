@@ -18,7 +18,7 @@ def test_wheel_carries_code_and_data_under_one_namespace(tmp_path):
     data_files = [p.relative_to(ROOT).as_posix() for d in ("data", "prompts", "backbones/model_configs")
                   for p in (ROOT / d).rglob("*") if p.suffix in (".txt", ".yaml", ".json")]
     assert data_files and all(f"uniil/{f}" in names for f in data_files)
-    assert "uniil/backbones/weights/uniil-micro-v3.safetensors" in names  # the shipped backbone
+    assert "uniil/backbones/weights/uniil-micro-v4.safetensors" in names  # the shipped backbone
     assert "uniil/cli.py" in names and not any(n.startswith("uniil/tests/") for n in names)
     # every module, subpackages included (a package missing from pyproject's list is silently left out)
     modules = [p.relative_to(ROOT).as_posix() for p in ROOT.rglob("*.py")
