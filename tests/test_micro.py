@@ -47,7 +47,7 @@ def _accuracy(micro, feats, labels) -> float:
 def test_zero_shot_is_good_on_held_in_domains_and_imperfect_elsewhere(micro, test_sets):
     acc = {d: _accuracy(micro, *test_sets[d][:2]) for d in DOMAINS}
     chance = 100 / len(class_names())
-    assert acc["photo"] >= 65, acc  # v3 measures 71.7 (README); v2 had 63.8
+    assert acc["photo"] >= 70, acc  # issue 14's target; v4 measures 86.7 (README), v3 71.7, v2 63.8
     for d in HELD_IN:
         assert acc[d] >= 60, acc
     assert all(acc[d] < 100 for d in DOMAINS), acc  # room to learn in every domain
@@ -94,15 +94,15 @@ def test_a_phrase_never_seen_in_captions_lands_near_the_right_images(micro, test
 @pytest.mark.slow
 def test_the_reference_descriptions_classify_though_no_caption_says_them(micro, test_sets):
     """Classification by description with the reference annotator's attributes, though not one of
-    those phrases is in a caption: v3 measures 48.3% on photo and 57.1% on clipart (README); v2
-    scored 11.3% by this computation."""
+    those phrases is in a caption: v4 measures 57.9% on photo and 60.8% on clipart here (10 images
+    a class; 54.4 and 61.0 on 20, README); on 20 a class v3 had 48.3 on photo, v2 11.3."""
     from uniil.backbones.micro_eval import description_prototypes, reference_attributes
 
     reference = reference_attributes()
     protos = description_prototypes(micro, reference)
     acc = {d: float((np.argmax(test_sets[d][0] @ protos.T, axis=1) == test_sets[d][1]).mean() * 100)
            for d in HELD_IN}
-    assert acc["photo"] >= 40 and acc["clipart"] >= 40, acc
+    assert acc["photo"] >= 50 and acc["clipart"] >= 50, acc  # issue 14's target: 50 on photo
     # each phrase on its own: on average it ranks its own class's photos above the others'
     feats, labels, _ = test_sets["photo"]
     names = list(class_names())
