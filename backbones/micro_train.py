@@ -105,53 +105,55 @@ def _draw_codes(recipe: Recipe) -> np.ndarray:
     return truth
 
 
-def _render_range(images: torch.Tensor, truth: np.ndarray, seed: int, ks: range, progress=None) -> None:
+def _render_range(images: torch.Tensor, truth: np.ndarray, seed: int, ks: range, progress=None, share: int = 1) -> None:
     values, transform, config = field_values(), micro.preprocess(), SyntheticConfig()
-    for k in ks:
+    for n, k in enumerate(ks, 1):
         code = truth[k]
         img_rng = np.random.default_rng(np.random.SeedSequence([seed, 3, k]))  # each image its own seed
         img, _ = render(*(values[f][i] for f, i in zip(FIELDS[:4], code[:4])), DOMAINS[code[4]], img_rng, config)
         images[k] = transform(img)
-        if progress and k % 500 == 499:
-            progress.advance("render", 500)
-
-
-def render_pretraining_set(recipe: Recipe, size: int, progress=None, workers: int | None = None
-                           ) -> tuple[torch.Tensor, np.ndarray]:
-    """Preprocessed images [N, 3, size, size] and their truth codes [N, 5], seeded: the same tensors
-    whatever the number of processes (rendering is a third of the training time on one)."""
-    truth = _draw_codes(recipe)
-    images = torch.empty(recipe.images, 3, size, size)
-    workers = min(workers or len(os.sched_getaffinity(0)), 4)
-    if progress:
-        progress.start("render", "rendering uniil-micro's pre-training images", recipe.images)
-    if workers > 1 and recipe.images >= 64 * workers:  # below that, a fork costs more than it saves
-        import multiprocessing
-
-        images.share_memory_()
-        ctx = multiprocessing.get_context("fork")  # the children write into the shared tensor
-        chunks = np.array_split(np.arange(recipe.images), workers)
-        procs = [ctx.Process(target=_render_child, args=(images, truth, recipe.seed, range(c[0], c[-1] + 1)))
-                 for c in chunks[1:]]
-        for proc in procs:
-            proc.start()
-        try:
-            _render_range(images, truth, recipe.seed, range(chunks[0][0], chunks[0][-1] + 1), progress)
-        finally:
-            for proc in procs:
-                proc.join()
-        if any(proc.exitcode != 0 for proc in procs):
-            raise RuntimeError("a rendering process failed")
-    else:
-        _render_range(images, truth, recipe.seed, range(recipe.images), progress)
-    if progress:
-        progress.stop("render")
-    return images, truth
+        if progress and n % 500 == 0:
+            progress.advance("render", 500 * share)  # the other processes render as many meanwhile
 
 
 def _render_child(images, truth, seed, ks) -> None:
     torch.set_num_threads(1)
     _render_range(images, truth, seed, ks)
+
+
+def render_pretraining_set(recipe: Recipe, size: int, progress=None, workers: int | None = None
+                           ) -> tuple[torch.Tensor, np.ndarray]:
+    """Preprocessed images [N, 3, size, size] and their truth codes [N, 5], seeded: the same tensors
+    whatever the number of processes, which split the images (one process renders ~1,000 a second
+    on a fast core, ~500 on a slow one)."""
+    import multiprocessing
+
+    truth = _draw_codes(recipe)
+    images = torch.empty(recipe.images, 3, size, size)
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    workers = min(workers or cores, 4)
+    if "fork" not in multiprocessing.get_all_start_methods() or recipe.images < 64 * workers:
+        workers = 1  # the children write into a shared tensor, which needs fork; few images: a fork costs more
+    if progress:
+        progress.start("render", "rendering uniil-micro's pre-training images", recipe.images)
+    chunks = [range(int(c[0]), int(c[-1]) + 1) for c in np.array_split(np.arange(recipe.images), workers)]
+    procs = []
+    if workers > 1:
+        images.share_memory_()
+        ctx = multiprocessing.get_context("fork")
+        procs = [ctx.Process(target=_render_child, args=(images, truth, recipe.seed, ks)) for ks in chunks[1:]]
+        for proc in procs:
+            proc.start()
+    try:
+        _render_range(images, truth, recipe.seed, chunks[0], progress, share=workers)
+    finally:
+        for proc in procs:
+            proc.join()
+    if any(proc.exitcode != 0 for proc in procs):
+        raise RuntimeError("a process rendering uniil-micro's pre-training images failed")
+    if progress:
+        progress.stop("render")
+    return images, truth
 
 
 # The text tower is locked (MiniLM as shipped), so its pooled output for a caption list never
