@@ -14,6 +14,11 @@ from typing import Iterator, Protocol
 CACHE_ENV = "UNIIL_CACHE_DIR"
 
 
+def usable_cpus() -> int:
+    """CPUs this process may run on (taskset, cgroup cpusets), which can be fewer than the machine's."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+
+
 def cache_dir() -> Path:
     """Where cached features, matches and trained built-in backbones live ($UNIIL_CACHE_DIR wins)."""
     if os.environ.get(CACHE_ENV):

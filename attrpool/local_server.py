@@ -27,6 +27,8 @@ import threading
 import time
 from pathlib import Path
 
+from ..common import usable_cpus
+
 log = logging.getLogger(__name__)
 
 EXIT_NOT_INSTALLED = 3
@@ -38,12 +40,6 @@ SIGNAL_HINTS = {
     "SIGILL": f"llama-cpp-python was compiled for another CPU; rebuild it on this one ({REBUILD})",
     "SIGKILL": "killed from outside (out of memory?)",
 }
-
-
-def usable_cpus() -> int:
-    """CPUs this process may run on (taskset, cgroup cpusets): llama.cpp's threads spin while they
-    wait for each other, so more threads than these cores slows it down several times."""
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
 
 
 def describe_exit(returncode: int) -> str:
@@ -62,6 +58,7 @@ class LocalModelServer:
     def __init__(self, gguf: Path, alias: str, threads: int | None = None, start_timeout_s: float = 300.0,
                  n_ctx: int = 2048):
         self.gguf, self.alias = gguf, alias
+        # llama.cpp's threads spin while they wait for each other: more threads than cores slows it several times
         self.threads = threads or max(1, min(usable_cpus(), 8))
         self.n_ctx = n_ctx
         self.start_timeout_s = start_timeout_s

@@ -61,7 +61,7 @@ class ConvStem(nn.Module):
     convolutions with batch norm then do the local shape work, and the transformer blocks after
     them see a 4x4 grid, which keeps them cheap."""
 
-    def __init__(self, channels: tuple[int, ...], width: int, strides: tuple[int, ...] = (1, 2, 1, 2)):
+    def __init__(self, channels: tuple[int, ...], width: int, strides: tuple[int, ...]):
         super().__init__()
         c0, *rest = channels
         assert len(rest) == len(strides), (channels, strides)
