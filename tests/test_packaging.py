@@ -25,3 +25,15 @@ def test_wheel_carries_code_and_data_under_one_namespace(tmp_path):
                if p.relative_to(ROOT).parts[0] not in ("tests", "benchmarks", "build", ".venv")]
     missing = [m for m in modules if f"uniil/{m}" not in names]
     assert not missing, f"modules not in the wheel: {missing}"
+
+
+def test_documents_hold_no_control_characters():
+    """A LaTeX command written in a non-raw Python string loses its backslash ("\\frac" becomes a
+    form feed and "rac"): docs/methods.md's floor formula once rendered that way."""
+    import re
+
+    docs = [ROOT / "README.md", ROOT / "CONTRIBUTING.md", ROOT / "benchmarks" / "RESULTS.md", *ROOT.glob("docs/*.md")]
+    # tabs too ("\text" becomes one); split("\n"), as splitlines() would break the line at a form feed
+    bad = [f"{p.relative_to(ROOT)}:{i}" for p in docs for i, line in enumerate(p.read_text().split("\n"), 1)
+           if re.search(r"[\x00-\x09\x0b\x0c\x0e-\x1f]", line)]
+    assert len(docs) >= 4 and not bad, bad
