@@ -7,10 +7,11 @@
 - time: training and evaluation seconds per run, training images/s (median over runs), and the
   wall-clock of the whole grid from the runs' own timings.
 
-    .venv/bin/python benchmarks/bench_table.py BENCH_DIR [BENCH_DIR ...] [--reference zeroshot]
+    .venv/bin/python benchmarks/bench_table.py BENCH_DIR[:ENTRY,...] [BENCH_DIR ...] [--reference zeroshot]
 
-Several folders (benches of the same scenario and recipe, run at different times) are read as one
-grid; an entry's label must be unique across them.
+Several folders (benches of the same scenario, run at different times) are read as one grid; an
+entry's label must be unique across them. `DIR:a,b` reads only entries a and b of DIR (where a later
+bench reran some entries, e.g. with a re-swept recipe).
 """
 
 from __future__ import annotations
@@ -28,13 +29,21 @@ from uniil.trainer.bench import BENCH_METRICS
 from uniil.trainer.records import MetricsRecord
 
 
-def load(bench_dirs: list[Path]) -> dict:
+def load(bench_dirs: list[Path | str]) -> dict:
     """{"results": bench.json's results of every folder, "runs": {label: finished runs' records}}."""
     results: dict[str, dict] = {}
     runs: dict[str, list[MetricsRecord]] = {}
-    for bench_dir in bench_dirs:
+    for spec in bench_dirs:
+        bench_dir, _, only = str(spec).partition(":")
+        bench_dir = Path(bench_dir)
         data = json.loads((bench_dir / "bench.json").read_text())
+        wanted = set(only.split(",")) if only else set(data["results"])
+        if wanted - set(data["results"]):
+            sys.exit(f"{bench_dir} has no entry {', '.join(sorted(wanted - set(data['results'])))}; "
+                     f"it has {', '.join(data['results'])}")
         for label, res in data["results"].items():
+            if label not in wanted:
+                continue
             if label in results:
                 sys.exit(f"entry {label} is in two of the folders; rename it in one (uniil bench --methods NEW=METHOD)")
             results[label] = res
@@ -59,7 +68,7 @@ def fmt(m: float, s: float | None) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("bench_dirs", type=Path, nargs="+", metavar="BENCH_DIR")
+    ap.add_argument("bench_dirs", nargs="+", metavar="BENCH_DIR[:ENTRY,...]")
     ap.add_argument("--reference", default="zeroshot", help="the entry the diagonal gain is measured against")
     args = ap.parse_args(argv)
     got = load(args.bench_dirs)
