@@ -61,15 +61,18 @@ class ConvStem(nn.Module):
     convolutions with batch norm then do the local shape work, and the transformer blocks after
     them see a 4x4 grid, which keeps them cheap."""
 
-    def __init__(self, channels: tuple[int, ...], width: int, strides: tuple[int, ...]):
+    def __init__(self, channels: tuple[int, ...], width: int, strides: tuple[int, ...], act=nn.GELU, conv3x3=None):
+        """`act` and `conv3x3(c_in, c_out, stride)` let experiments swap the activation and the 3x3
+        convolutions (benchmarks/micro_recipe_search.py); the shipped model uses the defaults."""
         super().__init__()
         c0, *rest = channels
         assert len(rest) == len(strides), (channels, strides)
-        layers = [nn.Conv2d(3, c0, 4, stride=4, bias=False), nn.BatchNorm2d(c0), nn.GELU()]
+        conv3x3 = conv3x3 or (lambda c_in, c_out, stride: nn.Conv2d(c_in, c_out, 3, stride=stride, padding=1,
+                                                                    bias=False))
+        layers = [nn.Conv2d(3, c0, 4, stride=4, bias=False), nn.BatchNorm2d(c0), act()]
         c_in = c0
         for c_out, stride in zip(rest, strides):
-            layers += [nn.Conv2d(c_in, c_out, 3, stride=stride, padding=1, bias=False), nn.BatchNorm2d(c_out),
-                       nn.GELU()]
+            layers += [conv3x3(c_in, c_out, stride), nn.BatchNorm2d(c_out), act()]
             c_in = c_out
         layers.append(nn.Conv2d(c_in, width, 1))
         self.net = nn.Sequential(*layers)

@@ -36,11 +36,12 @@ def load(bench_dirs: list[Path | str]) -> dict:
     for spec in bench_dirs:
         bench_dir, _, only = str(spec).partition(":")
         bench_dir = Path(bench_dir)
+        if not (bench_dir / "bench.json").is_file():
+            sys.exit(f"{bench_dir} has no bench.json; name a folder that `uniil bench --out` wrote")
         data = json.loads((bench_dir / "bench.json").read_text())
         wanted = set(only.split(",")) if only else set(data["results"])
-        if wanted - set(data["results"]):
-            sys.exit(f"{bench_dir} has no entry {', '.join(sorted(wanted - set(data['results'])))}; "
-                     f"it has {', '.join(data['results'])}")
+        if missing := wanted - set(data["results"]):
+            sys.exit(f"{bench_dir} has no entry {', '.join(sorted(missing))}; it has {', '.join(data['results'])}")
         for label, res in data["results"].items():
             if label not in wanted:
                 continue

@@ -26,28 +26,14 @@ from torch import nn
 from uniil.backbones import micro, micro_eval, micro_train
 from uniil.backbones.factory import Backbone
 from uniil.backbones.spec import BackboneSpec
+from uniil.common import usable_cpus
 from uniil.data.synthetic import SyntheticConfig
 
 
-class PatchedStem(nn.Module):
-    """micro.ConvStem with its 3x3 convolutions depthwise-separable and/or another activation."""
-
-    def __init__(self, channels, width, strides, separable: bool, act: type[nn.Module]):
-        super().__init__()
-        c0, *rest = channels
-        layers = [nn.Conv2d(3, c0, 4, stride=4, bias=False), nn.BatchNorm2d(c0), act()]
-        c_in = c0
-        for c_out, stride in zip(rest, strides):
-            conv = [nn.Conv2d(c_in, c_in, 3, stride=stride, padding=1, groups=c_in, bias=False),
-                    nn.Conv2d(c_in, c_out, 1, bias=False)] if separable else \
-                [nn.Conv2d(c_in, c_out, 3, stride=stride, padding=1, bias=False)]
-            layers += conv + [nn.BatchNorm2d(c_out), act()]
-            c_in = c_out
-        layers.append(nn.Conv2d(c_in, width, 1))
-        self.net = nn.Sequential(*layers)
-
-    def forward(self, x):
-        return self.net(x)
+def separable(c_in: int, c_out: int, stride: int) -> nn.Module:
+    """A depthwise-separable 3x3 convolution, for micro.ConvStem's `conv3x3`."""
+    return nn.Sequential(nn.Conv2d(c_in, c_in, 3, stride=stride, padding=1, groups=c_in, bias=False),
+                         nn.Conv2d(c_in, c_out, 1, bias=False))
 
 
 def patch_clean(fraction: float) -> None:
@@ -89,16 +75,20 @@ def main() -> None:
     ap.add_argument("recipe", nargs="?", default="{}", help="JSON of Recipe fields to override")
     ap.add_argument("--change", default="none", choices=["none", "clean40", "whiten", "separable", "relu"])
     args = ap.parse_args()
-    torch.set_num_threads(micro_train.usable_cpus())
+    torch.set_num_threads(usable_cpus())
     if args.change == "clean40":
         patch_clean(0.4)
     elif args.change == "whiten":
         patch_whiten()
     elif args.change in ("separable", "relu"):
-        sep, act = args.change == "separable", nn.ReLU if args.change == "relu" else nn.GELU
-        micro.ConvStem = lambda channels, width, strides: PatchedStem(channels, width, strides, sep, act)
-    fields = {k: tuple(v) if isinstance(v, list) else v for k, v in json.loads(args.recipe).items()}
-    recipe = dataclasses.replace(micro_train.Recipe(), **fields)
+        stem, swap = micro.ConvStem, ({"conv3x3": separable} if args.change == "separable" else {"act": nn.ReLU})
+        micro.ConvStem = lambda channels, width, strides: stem(channels, width, strides, **swap)
+    try:
+        fields = {k: tuple(v) if isinstance(v, list) else v for k, v in json.loads(args.recipe).items()}
+        recipe = dataclasses.replace(micro_train.Recipe(), **fields)
+    except (ValueError, TypeError, AttributeError) as exc:
+        known = ", ".join(f.name for f in dataclasses.fields(micro_train.Recipe))
+        ap.error(f"the recipe must be a JSON object of Recipe fields ({known}): {exc}")
     print(recipe, "change:", args.change, flush=True)
 
     def figures(model, domains):

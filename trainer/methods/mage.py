@@ -34,7 +34,7 @@ Variants (issue 14, each an option measured in benchmarks/RESULTS.md):
 - trainable_floor = f: in training, a hinge loss mean_l mean_x relu(f - p_l(x)), p_l(x) the softmax
   gate mass of image x in block l on the experts this step can train, so that a step's images
   reach experts that can learn them (a step whose routing stays on frozen experts learns little:
-  `trainable_share` in the statistics, benchmarks/RESULTS.md). The default (0.5), the one variant
+  `trainable_share` in the statistics, benchmarks/RESULTS.md). 0.5 is the default: the one variant
   that beat the plain router beyond two stds on validation; 0 turns it off.
 
 Options (`--opt k=v`, declared in `Mage.Options`; `uniil methods show mage`): the ablations
